@@ -1,0 +1,117 @@
+"""Package a verified TorchScript file and the handler code into a TorchServe ``.mar``.
+
+Which handler, archive name and serving settings go with each task is declared in
+:data:`TASKS`. Every shared module in ``handlers/`` (all ``*.py`` but ``__init__.py`` and
+the ``*_handler.py`` entry points) goes into every archive as an extra file; inside a
+``.mar`` extra files land flat beside the handler, which the handlers allow for.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+logger = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[1]
+HANDLERS_DIR = REPO / "handlers"
+SERIALIZED_NAME = "model.pt"
+
+
+@dataclass(frozen=True)
+class TaskPackage:
+    """What goes into the archive of one task."""
+
+    handler: str  # path relative to the repository root
+    model_config: Mapping[str, Any] = field(default_factory=dict)  # model-config.yaml (TorchServe keys)
+    handler_options: Mapping[str, Any] = field(default_factory=dict)  # its ``handler:`` section
+
+    def archive_name(self, task: str) -> str:
+        return f"emotion_{task}"
+
+
+TASKS: dict[str, TaskPackage] = {
+    "image": TaskPackage(
+        handler="handlers/image_handler.py",
+        model_config={"minWorkers": 1, "maxWorkers": 1, "batchSize": 8, "maxBatchDelay": 20,
+                      "responseTimeout": 60, "startupTimeout": 120},
+        handler_options={"topk": 3, "threads": 0},  # threads 0: cores / maxWorkers
+    ),
+    "video": TaskPackage(
+        handler="handlers/video_handler.py",
+        model_config={"minWorkers": 1, "maxWorkers": 1, "batchSize": 1, "maxBatchDelay": 0,
+                      "responseTimeout": 300, "startupTimeout": 120},
+        handler_options={"topk": 3, "threads": 0},
+    ),
+}
+
+
+def shared_handler_modules(handlers_dir: Path = HANDLERS_DIR) -> list[Path]:
+    """The handler-side modules every archive carries (not ``__init__`` nor entry points)."""
+    return sorted(p for p in handlers_dir.glob("*.py")
+                  if p.name != "__init__.py" and not p.name.endswith("_handler.py"))
+
+
+def model_config_for(task: str, overrides: Mapping[str, Any] | None = None,
+                     handler_overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The ``model-config.yaml`` content for ``task`` with optional overrides."""
+    pkg = TASKS[task]
+    cfg = {**pkg.model_config, **(overrides or {})}
+    cfg["handler"] = {**pkg.handler_options, **(handler_overrides or {})}
+    return cfg
+
+
+def index_to_name(labels: list[str]) -> dict[str, str]:
+    """TorchServe's ``index_to_name.json`` mapping."""
+    return {str(i): name for i, name in enumerate(labels)}
+
+
+def build_archive(task: str, scripted_path: str | os.PathLike, spec: Mapping[str, Any],
+                  out_dir: str | os.PathLike, version: str = "1.0",
+                  model_config: Mapping[str, Any] | None = None) -> Path:
+    """Write ``out_dir/emotion_<task>.mar`` holding the TorchScript file, handler and configs.
+
+    Runs ``torch-model-archiver`` (as ``python -m model_archiver.model_packaging``) with a
+    private ``TMPDIR``, because it stages files in ``$TMPDIR/<model name>`` and two builds
+    of the same archive at once would otherwise share that folder.
+    """
+    if task not in TASKS:
+        raise KeyError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+    pkg = TASKS[task]
+    handler = REPO / pkg.handler
+    if not handler.is_file():
+        raise FileNotFoundError(f"handler for task {task!r} not found: {handler}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = pkg.archive_name(task)
+    cfg = dict(model_config) if model_config is not None else model_config_for(task)
+    with tempfile.TemporaryDirectory(prefix=f"export-{name}-") as tmp:
+        tmp = Path(tmp)
+        (tmp / "index_to_name.json").write_text(json.dumps(index_to_name(list(spec["labels"])), indent=1))
+        (tmp / "model-config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+        extra = [str(p) for p in shared_handler_modules()] + [str(tmp / "index_to_name.json")]
+        staging = tmp / "staging"
+        staging.mkdir()
+        cmd = [sys.executable, "-m", "model_archiver.model_packaging",
+               "--model-name", name, "--version", version,
+               "--serialized-file", str(Path(scripted_path).resolve()),
+               "--handler", str(handler), "--extra-files", ",".join(extra),
+               "--config-file", str(tmp / "model-config.yaml"),
+               "--export-path", str(out_dir.resolve()), "--force"]
+        logger.info("running %s", " ".join(cmd))
+        res = subprocess.run(cmd, env={**os.environ, "TMPDIR": str(staging)},
+                             capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"torch-model-archiver failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
+    mar = out_dir / f"{name}.mar"
+    if not mar.is_file():
+        raise RuntimeError(f"torch-model-archiver reported success but {mar} is missing")
+    return mar

@@ -1,0 +1,176 @@
+"""Request plumbing shared by the TorchServe handlers: bodies, per-request errors, top-k.
+
+TorchServe hands a handler one dict per request. A raw body arrives as ``{"body": bytes}``
+(or ``"data"``), a JSON body (``Content-Type: application/json``) already decoded to a dict,
+multipart form fields under their field names, and gRPC ``input`` entries under their keys.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+from http import HTTPStatus
+from typing import Any, Iterable, Mapping, Sequence
+
+try:  # inside the repository (package import)
+    from .preprocess import InputError
+except ImportError:  # inside a .mar the shared modules sit flat beside the handler
+    from preprocess import InputError  # type: ignore[no-redef]
+
+logger = logging.getLogger(__name__)
+
+BODY_KEYS: tuple[str, ...] = ("data", "body")
+"""Request fields that hold the payload, in order of preference, before task-specific names."""
+
+
+def extract_body(row: Any, names: Sequence[str] = ()) -> bytes:
+    """The encoded media bytes of one request.
+
+    Accepts raw bytes, base64 text, JSON ``{"data" | <name>: "<base64>"}`` (optionally a
+    ``data:...;base64,`` URI) and multipart/gRPC fields called ``data``, ``body``, one of
+    ``names`` or, failing those, the request's only field. Raises ``InputError(400)``.
+    """
+    keys = (*BODY_KEYS, *names)
+    value = row
+    if isinstance(row, Mapping):
+        value = _pick(row, keys)
+    if isinstance(value, (bytes, bytearray)) and value[:1] in (b"{", b"\"") and _looks_json(value):
+        value = json.loads(bytes(value).decode("utf-8"))  # JSON sent without a JSON content type
+    if isinstance(value, Mapping):
+        value = _pick(value, keys)
+        if isinstance(value, (bytes, bytearray)):
+            value = bytes(value).decode("ascii", "replace")
+        if not isinstance(value, str):
+            raise InputError(f"JSON body needs a base64 string under one of: {', '.join(keys)}", 400)
+    if isinstance(value, str):
+        return _b64decode(value)
+    if isinstance(value, (bytes, bytearray)):
+        if not value:
+            raise InputError("empty request body", 400)
+        return bytes(value)
+    raise InputError(f"unsupported request payload of type {type(value).__name__}", 400)
+
+
+def _pick(row: Mapping[str, Any], keys: Iterable[str]) -> Any:
+    for key in keys:
+        if key in row and row[key] is not None:
+            return row[key]
+    if len(row) == 1:  # a single multipart/gRPC field with another name
+        return next(iter(row.values()))
+    raise InputError(f"no payload found: send the media as the request body or in a field "
+                     f"called one of: {', '.join(keys)}", 400)
+
+
+def _looks_json(value: bytes | bytearray) -> bool:
+    try:
+        json.loads(bytes(value).decode("utf-8"))
+        return True
+    except (UnicodeDecodeError, ValueError):
+        return False
+
+
+def _b64decode(text: str) -> bytes:
+    text = text.strip()
+    if text.startswith("data:") and "," in text:  # data URI
+        text = text.split(",", 1)[1]
+    text = "".join(text.split())
+    if not text:
+        raise InputError("empty base64 payload", 400)
+    try:
+        data = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise InputError(f"payload is not valid base64: {e}", 400) from e
+    if not data:
+        raise InputError("empty base64 payload", 400)
+    return data
+
+
+def error_body(status: int, message: str) -> dict[str, Any]:
+    """The JSON error a failed request gets: ``{"code", "type", "message"}``."""
+    try:
+        kind = HTTPStatus(status).phrase.replace(" ", "").replace("-", "")
+    except ValueError:
+        kind = "Error"
+    return {"code": int(status), "type": kind, "message": message}
+
+
+class Failures:
+    """Per-request error bookkeeping for one batch: failed requests get their own 4xx/5xx."""
+
+    def __init__(self) -> None:
+        self.by_index: dict[int, dict[str, Any]] = {}
+
+    def add(self, idx: int, status: int, message: str) -> None:
+        """Mark request ``idx`` failed (the first failure of a request wins)."""
+        self.by_index.setdefault(idx, error_body(status, message))
+
+    def add_exception(self, idx: int, exc: BaseException, default_status: int = 500) -> None:
+        """Mark ``idx`` failed from an exception; ``InputError`` carries its own status."""
+        if isinstance(exc, InputError):
+            self.add(idx, exc.status, str(exc))
+        else:
+            logger.error("request %d failed", idx, exc_info=exc)
+            self.add(idx, default_status, f"{type(exc).__name__}: {exc}")
+
+    def __contains__(self, idx: int) -> bool:
+        return idx in self.by_index
+
+    def __len__(self) -> int:
+        return len(self.by_index)
+
+    def apply(self, context: Any, results: list[Any]) -> list[Any]:
+        """Put error bodies and statuses into ``results`` (one item per request) and the context."""
+        for idx in range(len(results)):
+            set_json_response(context, idx, self.by_index.get(idx, {}).get("code", 200))
+        for idx, body in self.by_index.items():
+            results[idx] = body
+        return results
+
+
+def set_json_response(context: Any, idx: int, status: int = 200) -> None:
+    """Set request ``idx``'s status and JSON content type (no-op without a request processor)."""
+    if context is None or getattr(context, "_request_processor", None) is None:
+        return
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = ""
+    context.set_response_status(status, phrase, idx)
+    context.set_response_content_type(idx, "application/json")
+
+
+def topk(probs: Sequence[float], labels: Sequence[str], k: int = 3) -> list[dict[str, Any]]:
+    """The ``k`` most probable labels, most probable first: ``[{"label", "probability"}]``."""
+    order = sorted(range(len(probs)), key=lambda i: float(probs[i]), reverse=True)[:k]
+    return [{"label": labels[i], "probability": round(float(probs[i]), 6)} for i in order]
+
+
+class CropBatch:
+    """Face crops from several requests flattened into one model batch, and split back.
+
+    ``add(idx, box, detected, tensor)`` once per crop (in request order); after the forward
+    pass, :meth:`split` gives each request its crops' boxes and output rows.
+    """
+
+    def __init__(self, n_requests: int) -> None:
+        self.n_requests = n_requests
+        self.owners: list[tuple[int, list[int], bool]] = []  # (request idx, box, detected)
+        self.tensors: list[Any] = []
+        self.failures = Failures()
+
+    def add(self, idx: int, box: Sequence[float], detected: bool, tensor: Any) -> None:
+        self.owners.append((idx, [int(round(v)) for v in box], bool(detected)))
+        self.tensors.append(tensor)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def split(self, rows: Sequence[Any]) -> list[list[tuple[list[int], bool, Any]]]:
+        """Per request, its ``(box, detected, row)`` in the order they were added."""
+        if len(rows) != len(self.owners):
+            raise ValueError(f"{len(rows)} output rows for {len(self.owners)} crops")
+        out: list[list[tuple[list[int], bool, Any]]] = [[] for _ in range(self.n_requests)]
+        for (idx, box, detected), row in zip(self.owners, rows):
+            out[idx].append((box, detected, row))
+        return out

@@ -1,0 +1,77 @@
+"""The checkpoint format: ``{"format": 1, "spec": {...}, "state_dict": {...}, ...}``.
+
+Weights files and training checkpoints share it (training adds optimizer state and so on).
+Everything is loaded with ``weights_only=True``; files are written atomically.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .registry import create_model
+from .spec import ModelSpec
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used (unsafe, corrupt or not ours)."""
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint dict safely (``weights_only=True``)."""
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path}: refused to load: it holds pickled Python objects, not just weights "
+            f"(only weights_only checkpoints are accepted): {str(e).splitlines()[0]}") from e
+    except (RuntimeError, EOFError) as e:
+        raise CheckpointError(f"{path}: not a readable checkpoint: {e}") from e
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "spec" not in ckpt:
+        raise CheckpointError(f"{path}: not an emotion checkpoint (needs 'spec' and 'state_dict')")
+    return ckpt
+
+
+def save_weights(model: nn.Module, path: str | os.PathLike, **meta: Any) -> None:
+    """Save a model's weights with its spec (and optional plain-data metadata)."""
+    state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+    atomic_save({"format": FORMAT_VERSION, "spec": unwrap(model).spec.to_dict(), "state_dict": state, **meta}, path)
+
+
+def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Build the network named in a checkpoint's spec and load its weights (eval mode)."""
+    ckpt = load_checkpoint(path, map_location)
+    spec = ModelSpec.from_dict(ckpt["spec"])
+    model = create_model(spec.arch, spec)
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model inside DDP / torch.compile wrappers."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
+    return model

@@ -1,0 +1,204 @@
+"""Face detection and alignment (handlers/faces.py) on real photos.
+
+Expected boxes were checked by eye once (boxes drawn on the fixtures and looked at).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from handlers import faces as F
+
+PHOTOS = Path(__file__).parent / "fixtures" / "photos"
+
+# single_face.jpg: 640x360 webcam frame (pyfeat_single_face.mp4), head and shoulders.
+SINGLE_BOX = [208.3, 82.3, 368.0, 298.1]
+# group.jpg: 800x450 street scene (facenet_pytorch_video.mp4, frame 30, cropped and scaled),
+# four faces of 36-50 px width, largest first.
+GROUP_BOXES = [[713.4, 279.8, 764.0, 352.3], [476.8, 231.5, 516.1, 281.9],
+               [284.7, 178.4, 323.1, 226.0], [78.0, 220.1, 114.1, 265.3]]
+# A half-hidden face 19 px wide next to the second one: at the minimum size, may or may not count.
+GROUP_SMALL_BOX = [452.5, 228.1, 471.7, 257.3]
+# photo_tight.jpg: 350x350 news photo that is already a face crop.
+TIGHT_BOX = [45.5, 15.9, 306.0, 350.0]
+
+
+def iou(a, b) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    area = lambda r: (r[2] - r[0]) * (r[3] - r[1])  # noqa: E731
+    return inter / (area(a) + area(b) - inter)
+
+
+def eye_angle(face: F.Face) -> float:
+    """Roll of the eye line in degrees (0 = level, positive = right eye lower)."""
+    (lx, ly), (rx, ry) = face.landmarks[0], face.landmarks[1]
+    return math.degrees(math.atan2(ry - ly, rx - lx))
+
+
+def load(name: str) -> Image.Image:
+    return Image.open(PHOTOS / name).convert("RGB")
+
+
+@pytest.fixture(scope="module")
+def detector() -> F.FaceDetector:
+    import torch
+    torch.set_num_threads(2)
+    return F.FaceDetector(device="cpu")
+
+
+def test_single_face(detector):
+    (faces,) = detector.detect([load("single_face.jpg")])
+    assert len(faces) == 1
+    f = faces[0]
+    assert iou(f.box, SINGLE_BOX) >= 0.5 and f.score > 0.95
+    (le, re, nose, lm, rm) = f.landmarks
+    assert le[0] < nose[0] < re[0] and lm[0] < rm[0]
+    assert max(le[1], re[1]) < nose[1] < min(lm[1], rm[1])
+    assert all(f.box[0] <= x <= f.box[2] and f.box[1] <= y <= f.box[3] for x, y in f.landmarks)
+    assert abs(eye_angle(f)) < 10
+
+
+def test_several_faces_sorted_and_capped(detector):
+    img = load("group.jpg")
+    (faces,) = detector.detect([img])
+    for expected in GROUP_BOXES:
+        assert max(iou(f.box, expected) for f in faces) >= 0.5, expected
+    extra = [f for f in faces if max(iou(f.box, e) for e in GROUP_BOXES) < 0.5]
+    assert all(iou(f.box, GROUP_SMALL_BOX) >= 0.5 for f in extra), [f.box for f in extra]
+    sizes = [f.size for f in faces]
+    assert sizes == sorted(sizes, reverse=True)
+    assert all(min(f.box[2] - f.box[0], f.box[3] - f.box[1]) >= 20 for f in faces)
+
+    capped = F.FaceDetector(max_faces=2, min_face_size=30).detect([img])[0]
+    assert len(capped) == 2
+    assert [max(range(4), key=lambda i: iou(f.box, GROUP_BOXES[i])) for f in capped] == [0, 1]
+
+
+def test_no_face(detector):
+    img = load("no_face.jpg")
+    assert detector.detect([img]) == [[]]
+    (crops,) = F.faces_for_images([img], detector, "auto", size=48, margin=0, channels=1)
+    assert len(crops) == 1 and not crops[0].detected
+    assert crops[0].box == [0.0, 0.0, 480.0, 270.0]
+    assert crops[0].image.size == (48, 48) and crops[0].image.mode == "L"
+    assert F.faces_for_images([img], detector, "always", 48, 0, 1) == [[]]
+
+
+def test_batch_matches_one_by_one(detector):
+    single, group = load("single_face.jpg"), load("group.jpg")
+    no_face = load("no_face.jpg").resize(single.size)  # same size as single: one MTCNN batch
+    tiny = Image.new("RGB", (12, 12), (128, 128, 128))  # below the minimum face size
+    batched = detector.detect([single, group, single.transpose(Image.FLIP_LEFT_RIGHT), no_face,
+                               tiny])
+    alone = [detector.detect([img])[0] for img in (single, group)]
+    assert len(batched) == 5 and batched[3:] == [[], []]
+    for got, want in zip(batched[:2], alone):
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            assert iou(g.box, w.box) > 0.95
+    (mirrored,) = batched[2]
+    x1, y1, x2, y2 = SINGLE_BOX
+    assert iou(mirrored.box, [640 - x2, y1, 640 - x1, y2]) >= 0.5
+
+
+def test_rotated_face_is_aligned_upright(detector):
+    img = load("single_face.jpg")
+    cx, cy = (SINGLE_BOX[0] + SINGLE_BOX[2]) / 2, (SINGLE_BOX[1] + SINGLE_BOX[3]) / 2
+    rotated = img.rotate(30, resample=Image.BILINEAR, center=(cx, cy))  # counter-clockwise
+    (faces,) = detector.detect([rotated])
+    assert len(faces) == 1
+    assert -40 < eye_angle(faces[0]) < -20  # counter-clockwise: the right eye is higher
+
+    aligned = F.align_face(rotated, faces[0], size=160, margin=0)
+    assert aligned.size == (160, 160)
+    # Detect again in the aligned crop (padded, as the crop is tight): eyes level, face centred.
+    padded = Image.fromarray(np.pad(np.asarray(aligned), ((40, 40), (40, 40), (0, 0)), mode="edge"))
+    (again,) = detector.detect([padded])
+    assert len(again) == 1
+    assert abs(eye_angle(again[0])) < 5
+    want = F.template_points(160) + 40
+    assert np.abs(np.array(again[0].landmarks) - want).max() < 160 * 0.08
+
+
+def test_face_at_border(detector):
+    img = load("single_face.jpg").crop((260, 60, 640, 360))  # left part of the face cut off
+    (faces,) = detector.detect([img])
+    assert len(faces) == 1
+    f = faces[0]
+    assert f.box[0] == 0.0 and f.box[2] <= img.width and f.box[3] <= img.height
+    assert iou(f.box, [0, SINGLE_BOX[1] - 60, SINGLE_BOX[2] - 260, SINGLE_BOX[3] - 60]) >= 0.4
+    crop = F.align_face(img, f, size=48, margin=0)
+    assert crop.size == (48, 48)
+    # Outside the image the crop repeats edge pixels: no black band on the left.
+    assert np.asarray(crop.convert("L"))[:, :4].mean() > 40
+
+
+def test_tight_crop_classified_whole(detector):
+    img = load("photo_tight.jpg")
+    (faces,) = detector.detect([img])
+    assert len(faces) == 1 and iou(faces[0].box, TIGHT_BOX) >= 0.5
+    assert F.is_tight_crop(img, faces)
+    assert not F.is_tight_crop(load("single_face.jpg"), detector.detect([load("single_face.jpg")])[0])
+    (auto,) = F.faces_for_images([img], detector, "auto", 48, 0, 1)
+    assert len(auto) == 1 and not auto[0].detected and auto[0].box == [0.0, 0.0, 350.0, 350.0]
+    (always,) = F.faces_for_images([img], detector, "always", 48, 0, 1)
+    assert len(always) == 1 and always[0].detected and iou(always[0].box, TIGHT_BOX) >= 0.5
+
+
+def test_faces_for_images_modes():
+    class NoCalls:
+        def detect(self, images):
+            raise AssertionError("the detector must not run")
+
+    small = Image.new("RGB", (48, 48), (90, 90, 90))
+    photo = load("single_face.jpg")
+    (whole,) = F.faces_for_images([small], NoCalls(), "auto", 48, 0, 1)
+    assert not whole[0].detected and whole[0].image.size == (48, 48)
+    out = F.faces_for_images([photo, small], None, "never", 100, 0, 3)
+    assert [len(c) for c in out] == [1, 1]
+    assert out[0][0].image.size == (100, 100) and out[0][0].image.mode == "RGB"
+    assert out[0][0].box == [0.0, 0.0, 640.0, 360.0]
+    with pytest.raises(ValueError):
+        F.faces_for_images([photo], None, "sometimes", 48, 0, 1)
+
+
+def test_faces_for_images_aligns_each_face(detector):
+    crops = F.faces_for_images([load("group.jpg"), load("single_face.jpg")], detector, "auto",
+                               size=64, margin=0.3, channels=3)
+    assert len(crops[0]) >= 4 and len(crops[1]) == 1
+    for c in crops[0] + crops[1]:
+        assert c.detected and c.box == c.face.box
+        assert c.image.size == (64, 64) and c.image.mode == "RGB"
+    assert iou(crops[1][0].box, SINGLE_BOX) >= 0.5
+
+
+def test_similarity_transform_recovers_known_transform():
+    rng = np.random.default_rng(0)
+    src = rng.uniform(0, 100, (5, 2))
+    a = math.radians(25)
+    m = 1.7 * np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+    t = np.array([12.0, -7.0])
+    got_m, got_t = F.similarity_transform(src, src @ m.T + t)
+    np.testing.assert_allclose(got_m, m, atol=1e-9)
+    np.testing.assert_allclose(got_t, t, atol=1e-9)
+
+
+def test_align_on_template_is_identity():
+    """A face whose landmarks already sit on the template comes out unchanged."""
+    arr = np.random.default_rng(1).integers(0, 256, (96, 96, 3), dtype=np.uint8)
+    img = Image.fromarray(arr)
+    pts = F.template_points(96, 0.25)
+    face = F.Face([0, 0, 96, 96], 1.0, pts.tolist())
+    out = np.asarray(F.align_face(img, face, size=96, margin=0.25)).astype(int)
+    assert np.abs(out - arr)[2:-2, 2:-2].max() <= 1
+    # A larger margin shows a smaller face: the template shrinks towards the centre.
+    inner = F.template_points(96, 0.5)
+    assert np.all(np.abs(inner - 48) <= np.abs(pts - 48))
+    assert inner[1, 0] - inner[0, 0] < pts[1, 0] - pts[0, 0]
+    np.testing.assert_allclose(F.template_points(96, 0), F.template_points(96, F.DEFAULT_MARGIN))

@@ -1,0 +1,136 @@
+"""End to end: build emotion_image.mar, serve it with a real TorchServe, call REST and gRPC."""
+from __future__ import annotations
+
+import base64
+import json
+import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+from PIL import Image
+
+from export.__main__ import main as export_main
+from model_defs import LABELS, create_model, save_weights
+from tests.grpc_client import predict as grpc_predict
+from tests.tsserver import running_server
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = REPO / "pretrain" / "emotion_image.pth"
+FIXTURES = Path(__file__).parent / "fixtures"
+FACES = sorted((FIXTURES / "faces").glob("*/*.jpg"))
+PHOTOS = sorted((FIXTURES / "colour").glob("*.jpg"))
+BATCH_DELAY_MS = 300  # long enough that concurrent test requests share a batch
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """TorchServe with emotion_image.mar from the shipped weights (random ones if absent)."""
+    tmp = tmp_path_factory.mktemp("e2e")
+    ckpt = SHIPPED
+    if not ckpt.is_file():
+        torch.manual_seed(0)
+        ckpt = tmp / "random.pth"
+        save_weights(create_model("emo_resnet_s"), ckpt)
+    store = tmp / "model_store"
+    assert export_main(["--task", "image", "--checkpoint", str(ckpt), "--out", str(store),
+                        "--max-batch-delay", str(BATCH_DELAY_MS), "--batch-size", "8"]) == 0
+    with running_server(store, ["emotion_image=emotion_image.mar"], tmp / "server") as ts:
+        yield ts
+
+
+def post(ts, **kwargs) -> requests.Response:
+    return requests.post(ts.predictions_url("emotion_image"), headers=ts.auth(), timeout=60, **kwargs)
+
+
+def check_answer(answer: dict, path: Path) -> None:
+    assert list(answer) == ["faces"] and len(answer["faces"]) == 1, answer
+    face = answer["faces"][0]
+    w, h = Image.open(path).size
+    assert face["box"] == [0, 0, w, h] and face["detected"] is False
+    top = face["top3"]
+    labels = [t["label"] for t in top]
+    probs = [t["probability"] for t in top]
+    assert len(top) == 3 and len(set(labels)) == 3 and set(labels) <= set(LABELS)
+    assert probs == sorted(probs, reverse=True)
+    assert all(0.0 <= p <= 1.0 for p in probs) and sum(probs) <= 1.0 + 1e-5
+
+
+@pytest.mark.parametrize("path", FACES + PHOTOS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_rest_answers_real_faces(server, path):
+    r = post(server, data=path.read_bytes())
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    check_answer(r.json(), path)
+
+
+def test_multipart_json_and_grpc_agree_with_raw_body(server):
+    path = FACES[0]
+    data = path.read_bytes()
+    raw = post(server, data=data).json()
+    multipart = post(server, files={"data": (path.name, data, "image/jpeg")})
+    as_json = post(server, json={"image": base64.b64encode(data).decode()})
+    assert multipart.status_code == 200 and as_json.status_code == 200
+    assert multipart.json() == raw and as_json.json() == raw
+    assert grpc_predict(server.grpc_inference, "emotion_image", data, server.keys["inference"]) == raw
+
+
+def test_grpc_reports_a_bad_image_in_the_body(server):
+    """TorchServe's gRPC frontend keeps status OK for handler-set codes: the JSON says 4xx."""
+    answer = grpc_predict(server.grpc_inference, "emotion_image", b"not an image", server.keys["inference"])
+    assert answer["code"] == 415 and answer["type"] == "UnsupportedMediaType"
+
+
+def test_grpc_needs_the_token(server):
+    import grpc
+
+    with pytest.raises(grpc.RpcError) as e:
+        grpc_predict(server.grpc_inference, "emotion_image", FACES[0].read_bytes(), "wrong-key")
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_rest_needs_the_token(server):
+    r = requests.post(server.predictions_url("emotion_image"), data=FACES[0].read_bytes(), timeout=30)
+    assert r.status_code in (400, 401, 403) and "Token" in r.json()["message"]
+
+
+def test_model_registration_is_off(server):
+    r = requests.post(f"{server.management_url}/models", params={"url": "emotion_image.mar"},
+                      headers=server.auth("management"), timeout=30)
+    assert r.status_code == 405
+
+
+def test_corrupt_image_in_a_batch_fails_alone(server):
+    good = [p.read_bytes() for p in FACES[:5]]
+    corrupt = good[0][: len(good[0]) // 3]  # a truncated JPEG
+    bodies = good[:2] + [corrupt] + good[2:]
+    start = threading.Barrier(len(bodies))
+
+    def send(body: bytes) -> requests.Response:
+        start.wait()
+        return post(server, data=body)
+
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        responses = list(pool.map(send, bodies))
+    assert [r.status_code for r in responses] == [200, 200, 400, 200, 200, 200]
+    err = responses[2].json()
+    assert err["code"] == 400 and err["type"] == "BadRequest" and "corrupt" in err["message"]
+    for r, path in zip(responses[:2] + responses[3:], FACES[:5]):
+        check_answer(r.json(), path)
+    # the corrupt request really shared a batch with good ones
+    log = (server.workdir / "logs" / "model_log.log").read_text()
+    batches = [tuple(map(int, m)) for m in re.findall(r"batch of (\d+) requests: (\d+) faces, (\d+) failed", log)]
+    assert any(n > 1 and failed == 1 and faces == n - 1 for n, faces, failed in batches), batches
+
+
+@pytest.mark.skipif(not SHIPPED.is_file(), reason="pretrain/emotion_image.pth not shipped yet (random weights)")
+@pytest.mark.parametrize("cls", ["happy", "surprise"])
+def test_shipped_model_top1_right_for_happy_and_surprised_faces(server, cls):
+    for path in sorted((FIXTURES / "faces" / cls).glob("*.jpg")):
+        answer = post(server, data=path.read_bytes()).json()
+        assert answer["faces"][0]["top3"][0]["label"] == cls, (path.name, answer)

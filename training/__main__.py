@@ -1,0 +1,3 @@
+from .run import get_args_parser, main
+
+main(get_args_parser().parse_args())

@@ -1,0 +1,147 @@
+"""Image datasets: an ImageFolder tree and the seed's list file (RAF-DB style).
+
+Items are ``(uint8 tensor (C, S, S), label)``: decoding and resizing go through
+``handlers.preprocess`` exactly as in serving; normalization and augmentation happen
+batched on the training device (see ``training.augment``).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch.utils.data import Dataset, TensorDataset
+
+from handlers.preprocess import decode_image, to_uint8
+from model_defs import LABELS
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
+_ALIASES = {"anger": "angry", "disgusted": "disgust", "fearful": "fear", "happiness": "happy",
+            "sadness": "sad", "surprised": "surprise", "neutrality": "neutral", "contempt": None}
+
+
+def label_index(name: str) -> int | None:
+    """Index of a class name in ``LABELS`` (case-insensitive, common variants accepted)."""
+    key = name.strip().lower()
+    key = _ALIASES.get(key, key)
+    return LABELS.index(key) if key in LABELS else None
+
+
+FaceCrop = Callable[[Any], Any]
+"""Maps a decoded RGB PIL image to the face image to classify (identity, or detect+align)."""
+
+
+class _EncodedImages(Dataset):
+    """Shared item loading: read file → decode → (optional face crop) → resize to the spec."""
+
+    def __init__(self, files: Sequence[Path], labels: Sequence[int], spec: Mapping[str, Any],
+                 face_crop: FaceCrop | None = None) -> None:
+        self.files, self.labels = list(files), list(labels)
+        self.spec, self.face_crop = dict(spec), face_crop
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        img = decode_image(Path(self.files[i]).read_bytes())
+        if self.face_crop is not None:
+            img = self.face_crop(img)
+        return to_uint8(img, self.spec), self.labels[i]
+
+    def class_counts(self) -> list[int]:
+        return [self.labels.count(c) for c in range(len(LABELS))]
+
+
+class ImageFolderDataset(_EncodedImages):
+    """``root/<class>/<image>``; class folders named after ``LABELS`` (missing ones allowed)."""
+
+    def __init__(self, root: str | Path, spec: Mapping[str, Any], face_crop: FaceCrop | None = None) -> None:
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"dataset folder not found: {root}")
+        files, labels = [], []
+        for d in sorted(p for p in root.iterdir() if p.is_dir()):
+            idx = label_index(d.name)
+            if idx is None:
+                log.warning("skipping folder %s: not one of %s", d, ", ".join(LABELS))
+                continue
+            for f in sorted(d.rglob("*")):
+                if f.suffix.lower() in IMAGE_EXTS and f.is_file():
+                    files.append(f)
+                    labels.append(idx)
+        if not files:
+            raise ValueError(f"no images found under {root} (expected {root}/<class>/<image>)")
+        super().__init__(files, labels, spec, face_crop)
+
+
+class ListFileDataset(_EncodedImages):
+    """The seed's list file: ``relative/path label`` per line (labels 0-6, or 1-7 with ``one_based``)."""
+
+    def __init__(self, root: str | Path, list_file: str | Path, spec: Mapping[str, Any],
+                 one_based: bool = False, face_crop: FaceCrop | None = None) -> None:
+        root, files, labels = Path(root), [], []
+        for n, line in enumerate(Path(list_file).read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rel, lab = line.rsplit(maxsplit=1)
+                idx = int(lab) - (1 if one_based else 0)
+            except ValueError as e:
+                raise ValueError(f"{list_file}:{n}: expected 'relative/path label', got {line!r}") from e
+            if not 0 <= idx < len(LABELS):
+                hint = " (labels 1-7? pass one_based / --one-based)" if idx == len(LABELS) else ""
+                raise ValueError(f"{list_file}:{n}: label {lab} out of range{hint}")
+            files.append(root / rel)
+            labels.append(idx)
+        super().__init__(files, labels, spec, face_crop)
+
+
+def cache_in_memory(ds: Dataset, workers: int = 0) -> TensorDataset:
+    """Decode a whole dataset once into a uint8 tensor (FER2013 train is 66 MB)."""
+    loader = torch.utils.data.DataLoader(ds, batch_size=512, num_workers=workers)
+    xs, ys = zip(*[(x, y) for x, y in loader])
+    return TensorDataset(torch.cat(xs), torch.cat(ys))
+
+
+class CsvImageDataset(_EncodedImages):
+    """A flat folder of images with a CSV (``image,emotion`` header; other columns ignored).
+
+    Paths in the CSV are relative to the CSV's folder or to its ``images/`` sub-folder.
+    Rows whose emotion is not one of ``LABELS`` are skipped with a warning.
+    """
+
+    def __init__(self, csv_file: str | Path, spec: Mapping[str, Any], face_crop: FaceCrop | None = None) -> None:
+        import csv
+
+        csv_file = Path(csv_file)
+        files, labels, skipped = [], [], 0
+        with csv_file.open(newline="") as f:
+            for row in csv.DictReader(f):
+                name = row.get("image") or row.get("file") or row.get("path")
+                idx = label_index(row.get("emotion") or row.get("label") or "")
+                if not name or idx is None:
+                    skipped += 1
+                    continue
+                path = csv_file.parent / name
+                if not path.exists() and (csv_file.parent / "images" / name).exists():
+                    path = csv_file.parent / "images" / name
+                files.append(path)
+                labels.append(idx)
+        if skipped:
+            log.warning("%s: skipped %d rows without a known emotion", csv_file, skipped)
+        if not files:
+            raise ValueError(f"{csv_file}: no labelled images")
+        super().__init__(files, labels, spec, face_crop)
+
+
+def image_dataset(path: str | Path, spec: Mapping[str, Any], face_crop: FaceCrop | None = None) -> _EncodedImages:
+    """An ImageFolder tree, or a folder/CSV file with ``labels.csv``-style labels."""
+    path = Path(path)
+    if path.is_file() and path.suffix.lower() == ".csv":
+        return CsvImageDataset(path, spec, face_crop)
+    if (path / "labels.csv").is_file():
+        return CsvImageDataset(path / "labels.csv", spec, face_crop)
+    return ImageFolderDataset(path, spec, face_crop)

@@ -1,0 +1,295 @@
+"""The one training/evaluation engine: used by ``training.run``, ``training.evaluate`` and the SDK."""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from handlers.preprocess import normalize
+from model_defs import LABELS, atomic_save, load_checkpoint, save_weights, unwrap
+
+from .augment import AugmentConfig, train_batch
+from .losses import locality_preserving_loss, soft_cross_entropy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FitConfig:
+    """Everything that shapes a training run (saved in every checkpoint)."""
+
+    epochs: int = 30
+    lr: float = 3e-5
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    optimizer: str = "sgd"  # sgd | adamw
+    scheduler: str = "cosine"  # cosine | onecycle | none
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.0
+    class_balance: str = "none"  # none | sqrt | inverse (loss weights from class counts)
+    lp_loss: float = 0.0  # weight of the locality-preserving loss; 0 = off
+    lp_k: int = 5
+    tta_flip: bool = False  # average predictions over the image and its mirror at evaluation
+    amp: bool = True  # mixed precision on CUDA (ignored on CPU)
+    grad_clip: float = 0.0
+    output_dir: str = "runs/image"
+    best_name: str = "best.pth"
+    resume: bool = False
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+# ---------------------------------------------------------------- batches and metrics
+
+def prepare_batch(x: torch.Tensor, spec: dict[str, Any], size: int | None = None) -> torch.Tensor:
+    """uint8 batches (ours) are normalized here; float batches (a user's own loader) are taken
+    as already normalized and only resized to the model's input size when they differ."""
+    if x.dtype == torch.uint8:
+        x = normalize(x, spec)
+    size = size or int(spec["input_size"])
+    if x.dim() == 4 and x.shape[-1] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    if x.dim() == 4 and x.shape[1] != int(spec["channels"]):
+        x = x.mean(1, keepdim=True) if int(spec["channels"]) == 1 else x.expand(-1, 3, -1, -1)
+    return x
+
+
+def predict_logits(model: nn.Module, x: torch.Tensor, tta_flip: bool = False) -> torch.Tensor:
+    """Logits, optionally averaged (as probabilities, returned as log-probs) over a mirror."""
+    logits = model(x)
+    if not tta_flip:
+        return logits
+    probs = (logits.float().softmax(-1) + model(x.flip(-1)).float().softmax(-1)) / 2
+    return probs.clamp_min(1e-12).log()
+
+
+def metrics_from_confusion(conf: torch.Tensor, top3_hits: int) -> dict[str, Any]:
+    """acc, acc_top3, n and per-class recall from a confusion matrix (rows = truth)."""
+    n = int(conf.sum())
+    per_class = {LABELS[i]: (float(conf[i, i] / conf[i].sum()) if conf[i].sum() else None)
+                 for i in range(len(LABELS))}
+    return {"acc": float(conf.diag().sum() / max(n, 1)), "acc_top3": top3_hits / max(n, 1), "n": n,
+            "per_class": per_class, "confusion": conf.tolist()}
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader: Iterable, device: torch.device | str = "cpu",
+             tta_flip: bool = False, progress: bool = False) -> dict[str, Any]:
+    """Evaluate a classifier: acc, acc_top3, n, per-class recall, confusion matrix, loss."""
+    model.eval()
+    spec = unwrap(model).spec.to_dict()
+    conf = torch.zeros(len(LABELS), len(LABELS), dtype=torch.long)
+    top3, loss_sum = 0, 0.0
+    for x, y in tqdm(loader, desc="eval", disable=not progress, leave=False):
+        x, y = prepare_batch(x.to(device), spec), torch.as_tensor(y).to(device)
+        logits = predict_logits(model, x, tta_flip).float()
+        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+        top3 += int((logits.topk(3, -1).indices == y[:, None]).any(1).sum())
+        conf += torch.bincount((y * len(LABELS) + logits.argmax(-1)).cpu(),
+                               minlength=len(LABELS) ** 2).view(len(LABELS), len(LABELS))
+    out = metrics_from_confusion(conf, top3)
+    out["loss"] = loss_sum / max(out["n"], 1)
+    return out
+
+
+# ---------------------------------------------------------------- optimisation
+
+def build_optimizer(model: nn.Module, cfg: FitConfig) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+
+
+def build_scheduler(opt: torch.optim.Optimizer, cfg: FitConfig, steps_per_epoch: int):
+    total, warm = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
+    if cfg.scheduler == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.25)
+    if cfg.scheduler == "none":
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+
+    def cosine(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, cosine)
+
+
+def class_weights(counts: list[int], mode: str) -> torch.Tensor | None:
+    """Loss weights from class counts (mean weight 1 over the present classes)."""
+    if mode == "none" or not counts or not any(counts):
+        return None
+    c = torch.tensor(counts, dtype=torch.float32).clamp(min=1)
+    w = c.rsqrt() if mode == "sqrt" else 1.0 / c
+    return w * (len(c) / w.sum())
+
+
+def train_one_epoch(model: nn.Module, loader: Iterable, opt: torch.optim.Optimizer, sched, cfg: FitConfig,
+                    device: torch.device, scaler: torch.amp.GradScaler, weights: torch.Tensor | None,
+                    epoch: int, show: bool) -> dict[str, float]:
+    """One pass over ``loader``; returns the mean loss and the learning rate at the end."""
+    model.train()
+    spec = unwrap(model).spec.to_dict()
+    use_amp = cfg.amp and device.type == "cuda"
+    total, count = 0.0, 0
+    captured: list[torch.Tensor] = []
+    hook = None
+    if cfg.lp_loss > 0:  # the embedding is the input of the head's dropout in every registered net
+        hook = unwrap(model).drop.register_forward_hook(lambda m, inp, out: captured.append(inp[0]))
+    bar = tqdm(loader, desc=f"epoch {epoch}", disable=not show, leave=False,
+               mininterval=1 if sys.stderr.isatty() else 60)
+    for x, y in bar:
+        x, y = x.to(device, non_blocking=True), torch.as_tensor(y).to(device, non_blocking=True)
+        if x.dtype == torch.uint8:
+            x, target = train_batch(x, y, spec, cfg.augment, len(LABELS))
+        else:
+            x, target = prepare_batch(x, spec), F.one_hot(y, len(LABELS)).float()
+        with torch.autocast(device.type, enabled=use_amp):
+            logits = model(x)  # through the DDP wrapper, so gradients are synchronised
+            loss = soft_cross_entropy(logits, target, cfg.label_smoothing, weights)
+            if captured:
+                loss = loss + cfg.lp_loss * locality_preserving_loss(captured.pop(), y, cfg.lp_k)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if cfg.grad_clip > 0:
+            scaler.unscale_(opt)
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        sched.step()
+        total, count = total + loss.item() * len(y), count + len(y)
+        bar.set_postfix(loss=f"{total / count:.4f}", refresh=False)
+    if hook is not None:
+        hook.remove()
+    return {"loss": total / max(count, 1), "lr": opt.param_groups[0]["lr"]}
+
+
+# ---------------------------------------------------------------- the loop
+
+def is_main() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def fit(model: nn.Module, train_loader, val_loader, cfg: FitConfig, device: torch.device | str = "cpu",
+        class_counts: list[int] | None = None, extra_meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train, evaluating after every epoch; keep the best epoch's weights; checkpoint every epoch.
+
+    ``model`` may be DDP-wrapped. Returns the best epoch's metrics with ``best_epoch``.
+    """
+    device = torch.device(device)
+    out = Path(cfg.output_dir)
+    ckpt_path = out / "checkpoint.pth"
+    opt = build_optimizer(model, cfg)
+    sched = build_scheduler(opt, cfg, len(train_loader))
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda")
+    weights = class_weights(class_counts or [], cfg.class_balance)
+    weights = weights.to(device) if weights is not None else None
+    start, best, history = 1, {"acc": -1.0, "best_epoch": 0}, []
+    if cfg.resume and ckpt_path.exists():
+        state = load_checkpoint(ckpt_path, map_location=device)
+        unwrap(model).load_state_dict(state["state_dict"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start, best, history = state["epoch"] + 1, state["best"], state["history"]
+        log.info("resumed from %s at epoch %d (best acc %.4f at epoch %d)", ckpt_path, start,
+                 best["acc"], best["best_epoch"])
+    writer = _writer(out) if is_main() else None
+    for epoch in range(start, cfg.epochs + 1):
+        if hasattr(getattr(train_loader, "sampler", None), "set_epoch"):
+            train_loader.sampler.set_epoch(epoch)
+        t0 = time.time()
+        tr = train_one_epoch(model, train_loader, opt, sched, cfg, device, scaler, weights, epoch, is_main())
+        ev = evaluate(model, val_loader, device, cfg.tta_flip)
+        row = {"epoch": epoch, "train_loss": tr["loss"], "lr": tr["lr"], "val_loss": ev["loss"],
+               "acc": ev["acc"], "acc_top3": ev["acc_top3"], "seconds": time.time() - t0}
+        history.append(row)
+        if is_main():
+            if ev["acc"] > best["acc"]:
+                best = {k: ev[k] for k in ("acc", "acc_top3", "n", "per_class", "confusion")}
+                best["best_epoch"] = epoch
+                save_weights(model, out / cfg.best_name, metrics=best, **(extra_meta or {}))
+            atomic_save({"format": 1, "spec": unwrap(model).spec.to_dict(),
+                         "state_dict": unwrap(model).state_dict(), "optimizer": opt.state_dict(),
+                         "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+                         "best": best, "history": history, "config": _plain(asdict(cfg))}, ckpt_path)
+            _log_epoch(writer, row, ev)
+            log.info("epoch %d/%d loss %.4f val acc %.4f top3 %.4f (best %.4f @%d) %.0fs", epoch, cfg.epochs,
+                     tr["loss"], ev["acc"], ev["acc_top3"], best["acc"], best["best_epoch"], row["seconds"])
+    if writer:
+        writer.close()
+    return {"acc": best["acc"], "acc_top3": best.get("acc_top3"), "best_epoch": best["best_epoch"],
+            "per_class": best.get("per_class"), "history": history}
+
+
+def _plain(d: Any) -> Any:
+    """Config as plain data (checkpoints are loaded with weights_only=True)."""
+    if isinstance(d, dict):
+        return {k: _plain(v) for k, v in d.items()}
+    if isinstance(d, (list, tuple)):
+        return [_plain(v) for v in d]
+    return d
+
+
+def _writer(out: Path):
+    from torch.utils.tensorboard import SummaryWriter
+    return SummaryWriter(str(out / "tb"))
+
+
+def _log_epoch(writer, row: dict[str, Any], ev: dict[str, Any]) -> None:
+    if writer is None:
+        return
+    e = row["epoch"]
+    for k in ("train_loss", "val_loss", "acc", "acc_top3", "lr"):
+        writer.add_scalar(k.replace("_", "/", 1) if k.endswith("loss") else k, row[k], e)
+    writer.add_figure("confusion_matrix", confusion_figure(ev["confusion"]), e)
+    writer.flush()
+
+
+def confusion_figure(conf: list[list[int]], title: str = "confusion matrix (rows: truth)"):
+    """A matplotlib figure of a row-normalized confusion matrix."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    c = torch.tensor(conf, dtype=torch.float32)
+    norm = c / c.sum(1, keepdim=True).clamp(min=1)
+    fig, ax = plt.subplots(figsize=(6, 5))
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(LABELS)), LABELS, rotation=45, ha="right")
+    ax.set_yticks(range(len(LABELS)), LABELS)
+    for i in range(len(LABELS)):
+        for j in range(len(LABELS)):
+            ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """Initialise DDP when launched by torchrun; returns (rank, world_size, device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return (dist.get_rank() if dist.is_initialized() else 0), world, device

@@ -1,0 +1,150 @@
+"""Train or fine-tune an emotion model.
+
+    python -m training.run --task image --data ../shared/data/fer2013 --epochs 40
+    torchrun --nproc-per-node 4 -m training.run --task image --data DIR ...   # DDP
+
+``--data DIR`` holds ``train/`` and ``val/`` (or ``test/``) ImageFolder trees, or, with
+``--train-list/--val-list``, images listed as ``relative/path label`` (RAF-DB style).
+A checkpoint is written every epoch to ``--output-dir``; ``--resume`` continues from it.
+The best epoch's weights go to ``<output-dir>/best.pth`` (the format ``export`` reads).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+
+from model_defs import create_model, default_spec, list_models, load_checkpoint, unwrap
+
+from .augment import AugmentConfig
+from .datasets import ImageFolderDataset, ListFileDataset, cache_in_memory
+from .engine import FitConfig, fit, is_main, setup_distributed
+
+log = logging.getLogger("training.run")
+
+DEFAULT_MODEL = {"image": "emo_resnet_s", "video": "emo_video_hybrid"}
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Train an emotion recognition model", add_help=add_help)
+    p.add_argument("--task", choices=["image", "video"], default="image")
+    p.add_argument("--model", default=None, help=f"network name (default per task: {DEFAULT_MODEL})")
+    p.add_argument("--data", required=False, help="dataset root (train/ and val/ folders, or list-file root)")
+    p.add_argument("--train-dir", help="training folder (default DATA/train)")
+    p.add_argument("--val-dir", help="validation folder (default DATA/val, else DATA/test)")
+    p.add_argument("--train-list", help="list file 'relative/path label' (paths relative to --data)")
+    p.add_argument("--val-list", help="list file for validation")
+    p.add_argument("--one-based", action="store_true", help="list-file labels are 1-7 (RAF-DB) not 0-6")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("-b", "--batch-size", type=int, default=64)
+    p.add_argument("--opt", default="sgd", choices=["sgd", "adamw"])
+    p.add_argument("--lr", type=float, default=0.05,
+                   help="peak learning rate (the seed used 3e-5; from scratch that barely moves, see README)")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=5e-4)
+    p.add_argument("--sched", default="cosine", choices=["cosine", "onecycle", "none"])
+    p.add_argument("--warmup-epochs", type=float, default=1.0)
+    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--class-balance", default="sqrt", choices=["none", "sqrt", "inverse"],
+                   help="loss weights from class counts (disgust is rare in FER2013)")
+    p.add_argument("--lp-loss", type=float, default=0.0,
+                   help="weight of DLP-CNN's locality-preserving loss (0 = off; the paper uses ~0.003)")
+    p.add_argument("--lp-k", type=int, default=5, help="neighbours for the LP loss")
+    p.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (0 = off)")
+    p.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (0 = off)")
+    p.add_argument("--erase", type=float, default=0.25, help="random-erasing probability")
+    p.add_argument("--rotate", type=float, default=15.0, help="max rotation in degrees")
+    p.add_argument("--tta-flip", action="store_true", help="evaluate with mirror averaging")
+    p.add_argument("--no-amp", dest="amp", action="store_false", help="disable mixed precision on CUDA")
+    p.add_argument("--init", help="weights to start from (fine-tuning), e.g. pretrain/emotion_image.pth")
+    p.add_argument("--cache", action="store_true", help="decode the datasets into memory once")
+    p.add_argument("-j", "--workers", type=int, default=2, help="data-loading processes")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    p.add_argument("--subset", type=int, default=0, help="use only N training images (smoke runs)")
+    p.add_argument("--output-dir", default=None, help="checkpoints and TensorBoard logs (default runs/<task>)")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pth")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def _image_datasets(args: argparse.Namespace, spec: dict) -> tuple[Dataset, Dataset]:
+    root = Path(args.data) if args.data else None
+    if args.train_list:
+        if root is None:
+            raise SystemExit("--train-list needs --data (the folder the listed paths are relative to)")
+        tr = ListFileDataset(root, args.train_list, spec, args.one_based)
+        va = ListFileDataset(root, args.val_list or args.train_list, spec, args.one_based)
+        return tr, va
+    train_dir = Path(args.train_dir) if args.train_dir else root / "train"
+    val_dir = Path(args.val_dir) if args.val_dir else next(
+        (root / d for d in ("val", "test") if (root / d).is_dir()), root / "val")
+    return ImageFolderDataset(train_dir, spec), ImageFolderDataset(val_dir, spec)
+
+
+def build_datasets(args: argparse.Namespace, spec: dict) -> tuple[Dataset, Dataset, list[int]]:
+    """Training and validation datasets for the task, and the training class counts."""
+    if args.task == "video":
+        from .video_data import video_datasets
+        return video_datasets(args, spec)
+    tr, va = _image_datasets(args, spec)
+    counts = tr.class_counts()
+    if args.subset:
+        idx = random.Random(args.seed).sample(range(len(tr)), min(args.subset, len(tr)))
+        counts = [0] * len(counts)
+        for i in idx:
+            counts[tr.labels[i]] += 1
+        tr = Subset(tr, idx)
+    if args.cache:
+        tr, va = cache_in_memory(tr, args.workers), cache_in_memory(va, args.workers)
+    return tr, va, counts
+
+
+def main(args: argparse.Namespace) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rank, world, device = setup_distributed()
+    name = args.model or DEFAULT_MODEL[args.task]
+    if name not in list_models(args.task):
+        raise SystemExit(f"unknown {args.task} model {name!r}; choose from {list_models(args.task)}")
+    model = create_model(name, default_spec(name))
+    if args.init:
+        init = load_checkpoint(args.init)
+        missing = model.load_state_dict(init["state_dict"], strict=False)
+        log.info("initialised from %s (%s)", args.init, missing)
+    model.to(device)
+    spec = model.spec.to_dict()
+    train_ds, val_ds, counts = build_datasets(args, spec)
+    sampler = DistributedSampler(train_ds, shuffle=True) if world > 1 else None
+    workers = 0 if args.cache else args.workers
+    train_loader = DataLoader(train_ds, batch_size=args.batch_size, shuffle=sampler is None, sampler=sampler,
+                              num_workers=workers, drop_last=True, pin_memory=device.type == "cuda",
+                              persistent_workers=workers > 0)
+    val_loader = DataLoader(val_ds, batch_size=256, num_workers=workers)
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    aug = AugmentConfig(rotate=args.rotate, erase=args.erase, mixup=args.mixup, cutmix=args.cutmix)
+    cfg = FitConfig(epochs=args.epochs, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                    optimizer=args.opt, scheduler=args.sched, warmup_epochs=args.warmup_epochs,
+                    label_smoothing=args.label_smoothing, class_balance=args.class_balance,
+                    lp_loss=args.lp_loss, lp_k=args.lp_k, tta_flip=args.tta_flip, amp=args.amp,
+                    output_dir=args.output_dir or f"runs/{args.task}", resume=args.resume, augment=aug)
+    log.info("training %s on %d images (%s), validating on %d, %s x%d", name, len(train_ds),
+             counts, len(val_ds), device, world)
+    result = fit(model, train_loader, val_loader, cfg, device, counts,
+                 extra_meta={"train_args": {k: v for k, v in vars(args).items() if v is not None}})
+    if is_main():
+        best = {k: result[k] for k in ("acc", "acc_top3", "best_epoch", "per_class")}
+        print(json.dumps(best))
+        log.info("best weights: %s", Path(cfg.output_dir) / cfg.best_name)
+    return result
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
