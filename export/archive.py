@@ -43,13 +43,24 @@ TASKS: dict[str, TaskPackage] = {
         handler="handlers/image_handler.py",
         model_config={"minWorkers": 1, "maxWorkers": 1, "batchSize": 8, "maxBatchDelay": 20,
                       "responseTimeout": 60, "startupTimeout": 120},
-        handler_options={"topk": 3, "threads": 0},  # threads 0: cores / maxWorkers
+        # threads 0: cores / maxWorkers; detection auto | always | never (handlers/image_handler.py)
+        handler_options={"topk": 3, "threads": 0, "detection": "auto", "min_face_size": 20,
+                         "max_faces": 20},
     ),
     "video": TaskPackage(
         handler="handlers/video_handler.py",
-        model_config={"minWorkers": 1, "maxWorkers": 1, "batchSize": 1, "maxBatchDelay": 0,
+        model_config={"minWorkers": 1, "maxWorkers": 1, "batchSize": 4, "maxBatchDelay": 50,
                       "responseTimeout": 300, "startupTimeout": 120},
-        handler_options={"topk": 3, "threads": 0},
+        # Limits on one video (handlers.video_decode.VideoLimits); max_bytes matches
+        # config.properties' max_request_size. Timeline: windows of window_seconds every
+        # window_stride seconds, at most max_windows (the stride grows for long videos).
+        # detection: auto (largest face per frame; whole frame if it is one face crop),
+        # always (largest face per frame), never (whole frames).
+        handler_options={"topk": 3, "threads": 0,
+                         "max_bytes": 64 * 1024 * 1024, "max_duration_s": 60.0, "max_frames": 3600,
+                         "max_pixels": 3840 * 2160,
+                         "window_seconds": 2.0, "window_stride": 2.0, "max_windows": 30,
+                         "detection": "auto", "min_face_size": 20},
     ),
 }
 

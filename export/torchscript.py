@@ -30,13 +30,13 @@ def example_input(spec: Mapping[str, Any], batch: int = 2, seed: int = 0) -> tor
     """A random input batch shaped for ``spec``.
 
     Image models take ``(N, C, S, S)``; video models (``clip_len > 0``) take
-    ``(N, T, C, S, S)`` unless the spec's ``extra["input_shape"]`` (without N) says otherwise.
+    ``(N, C, T, S, S)`` unless the spec's ``extra["input_shape"]`` (without N) says otherwise.
     """
     g = torch.Generator().manual_seed(seed)
     shape = spec.get("extra", {}).get("input_shape")
     if shape is None:
         c, s = int(spec["channels"]), int(spec["input_size"])
-        shape = (c, s, s) if int(spec.get("clip_len", 0)) <= 0 else (int(spec["clip_len"]), c, s, s)
+        shape = (c, s, s) if int(spec.get("clip_len", 0)) <= 0 else (c, int(spec["clip_len"]), s, s)
     return torch.randn((batch, *map(int, shape)), generator=g)
 
 

@@ -174,3 +174,45 @@ class CropBatch:
         for (idx, box, detected), row in zip(self.owners, rows):
             out[idx].append((box, detected, row))
         return out
+
+
+# --- model loading shared by the handlers ---------------------------------------------------
+def handler_options(context: Any) -> dict[str, Any]:
+    """The ``handler:`` section of the archive's ``model-config.yaml`` (empty if absent)."""
+    yaml_cfg = getattr(context, "model_yaml_config", None) or {}
+    return dict(yaml_cfg.get("handler") or {})
+
+
+def select_device(context: Any, options: Mapping[str, Any]) -> "torch.device":
+    """The worker's GPU if TorchServe gave it one; else the CPU with ``threads`` threads
+    (``options["threads"]``, 0 = the machine's cores shared among ``maxWorkers`` workers)."""
+    import os
+
+    import torch
+
+    gpu_id = context.system_properties.get("gpu_id")
+    if torch.cuda.is_available() and gpu_id is not None:
+        return torch.device(f"cuda:{gpu_id}")
+    yaml_cfg = getattr(context, "model_yaml_config", None) or {}
+    threads = int(options.get("threads", 0) or 0) or max(
+        1, (os.cpu_count() or 1) // max(1, int(yaml_cfg.get("maxWorkers", 1))))
+    torch.set_num_threads(threads)
+    return torch.device("cpu")
+
+
+def load_scripted_model(context: Any, device: "torch.device", spec_file: str = "spec.json"
+                        ) -> tuple[Any, dict[str, Any]]:
+    """The archive's TorchScript model (eval mode, on ``device``) and the spec stored inside it."""
+    import os
+    import warnings
+
+    import torch
+
+    path = os.path.join(context.system_properties["model_dir"], context.manifest["model"]["serializedFile"])
+    extra = {spec_file: ""}
+    with warnings.catch_warnings():  # TorchScript's deprecation notice, not actionable here
+        warnings.simplefilter("ignore", FutureWarning)
+        model = torch.jit.load(path, map_location=device, _extra_files=extra).eval()
+    if not extra[spec_file]:
+        raise RuntimeError(f"{path}: no {spec_file} inside the TorchScript file")
+    return model, json.loads(extra[spec_file])

@@ -1,8 +1,26 @@
 """TorchServe handler for the image model: encoded image(s) in, per-face top-3 emotions out.
 
-Response per request: ``{"faces": [{"box": [x1, y1, x2, y2], "detected": bool,
-"top3": [{"label", "probability"}, ...]}]}``; a request that cannot be used gets its own
-4xx and ``{"code", "type", "message"}`` while the rest of the batch is answered.
+Faces are found with MTCNN and aligned to the model's crop layout (``handlers.faces``, the
+same code as ``training.evaluate --detect-faces``). Response per request::
+
+    {"faces": [{"box": [x1, y1, x2, y2], "detected": true, "score": 0.999,
+                "landmarks": [[x, y] * 5], "top3": [{"label", "probability"}, ...]}, ...],
+     "detection": {"mode": "auto", "faces_detected": 2, "whole_image": false}}
+
+``faces`` is sorted by face size, largest first; boxes and landmarks are in the original
+image's pixels (after EXIF orientation). An entry for the whole image (``detected`` false, box
+``[0, 0, width, height]``, no ``score``/``landmarks``) is given in mode ``never``, and in mode
+``auto`` when the input is already a tight face crop or no face was found. In mode ``always``
+an image without a face gets ``{"faces": [], "detection": {..., "faces_detected": 0}}`` (200).
+
+Options, from ``model-config.yaml``'s ``handler:`` section (defaults in
+``export/archive.py``): ``detection`` (auto | always | never), ``min_face_size`` (pixels),
+``max_faces`` (per image), ``topk``, ``threads``. Per request, ``detection`` and ``max_faces``
+(at most the configured one) may be sent as query parameters, form fields, or JSON fields
+beside the base64 image; a bad value is answered 400.
+
+A request that cannot be used gets its own 4xx and ``{"code", "type", "message"}`` while the
+rest of the batch is answered.
 """
 from __future__ import annotations
 
@@ -10,34 +28,107 @@ import json
 import logging
 import os
 import warnings
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 import torch
 from PIL import Image
 from ts.torch_handler.base_handler import BaseHandler
 
 try:  # inside the repository (package import)
-    from . import common, preprocess
+    from . import common, faces, preprocess
 except ImportError:  # inside a .mar the shared modules sit flat beside the handler
     import common  # type: ignore[no-redef]
+    import faces  # type: ignore[no-redef]
     import preprocess  # type: ignore[no-redef]
 
 logger = logging.getLogger(__name__)
 
 SPEC_FILE = "spec.json"
+DETECTION_MODES = ("auto", "always", "never")
+
+
+@dataclass
+class RequestOptions:
+    """Per-request detection options (validated)."""
+
+    detection: str
+    max_faces: int
+
+
+@dataclass
+class ImageBatch:
+    """One TorchServe batch after preprocessing: crops to classify and what to say per request."""
+
+    crops: common.CropBatch
+    extras: list[list[dict[str, Any]]] = field(default_factory=list)  # per request, per crop
+    notes: list[dict[str, Any] | None] = field(default_factory=list)  # per request: "detection"
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", "replace")
+    return str(value)
+
+
+def parse_detection(value: Any) -> str:
+    """A detection mode (auto | always | never); raises ``InputError(400)``."""
+    mode = _text(value).strip().lower()
+    if mode not in DETECTION_MODES:
+        raise preprocess.InputError(f"detection must be one of {', '.join(DETECTION_MODES)}, "
+                                    f"not {_text(value)[:40]!r}", 400)
+    return mode
+
+
+def parse_max_faces(value: Any, limit: int) -> int:
+    """A face count from 1 to ``limit``; raises ``InputError(400)``."""
+    try:
+        if isinstance(value, bool) or isinstance(value, float):
+            raise ValueError
+        n = int(_text(value).strip()) if not isinstance(value, int) else value
+    except ValueError:
+        n = None
+    if n is None or not 1 <= n <= limit:
+        raise preprocess.InputError(f"max_faces must be an integer from 1 to {limit}, "
+                                    f"not {_text(value)[:40]!r}", 400)
+    return n
+
+
+def _option_sources(row: Any) -> list[Mapping[str, Any]]:
+    """Where per-request options can sit: the request's fields (query parameters, form
+    fields) and a JSON object body (with or without a JSON content type)."""
+    if not isinstance(row, Mapping):
+        return []
+    sources: list[Mapping[str, Any]] = [row]
+    for key in common.BODY_KEYS:
+        body = row.get(key)
+        if isinstance(body, (bytes, bytearray)) and body[:1] == b"{":
+            try:
+                body = json.loads(bytes(body).decode("utf-8"))
+            except (UnicodeDecodeError, ValueError):
+                body = None
+        if isinstance(body, Mapping):
+            sources.append(body)
+    return sources
 
 
 class EmotionImageHandler(BaseHandler):
-    """Batched image emotion recognition on the archive's TorchScript model."""
+    """Batched face detection, alignment and emotion recognition on the archive's model."""
 
     def initialize(self, context: Any) -> None:
-        """Load the TorchScript model and its spec; choose device and thread count."""
+        """Load the TorchScript model and its spec; choose device and thread count; detector."""
         self.context = context
         self.manifest = context.manifest
         props = context.system_properties
         yaml_cfg = getattr(context, "model_yaml_config", None) or {}
         options = yaml_cfg.get("handler") or {}
         self.topk = int(options.get("topk", 3))
+        self.detection = parse_detection(options.get("detection", "auto"))
+        self.min_face_size = int(options.get("min_face_size", 20))
+        self.max_faces = int(options.get("max_faces", 20))
+        if self.min_face_size < 1 or self.max_faces < 1:
+            raise ValueError(f"handler options: min_face_size {self.min_face_size} and "
+                             f"max_faces {self.max_faces} must be positive")
         gpu_id = props.get("gpu_id")
         if torch.cuda.is_available() and gpu_id is not None:
             self.device = torch.device(f"cuda:{gpu_id}")
@@ -56,50 +147,115 @@ class EmotionImageHandler(BaseHandler):
             raise RuntimeError(f"{path}: no {SPEC_FILE} inside the TorchScript file")
         self.spec = json.loads(extra[SPEC_FILE])
         self.labels = list(self.spec["labels"])
+        self.input_size = int(self.spec["input_size"])
+        self.channels = int(self.spec["channels"])
+        self.face_margin = float(self.spec.get("face_margin") or 0.0) or faces.DEFAULT_MARGIN
+        self._detector: faces.FaceDetector | None = None
+        if self.detection != "never":  # fail at start-up, not on the first request
+            self.detector()
         self._warm_up()
         self.initialized = True
-        logger.info("loaded %s (%s) on %s, %d threads", path, self.spec.get("arch"), self.device,
-                    torch.get_num_threads())
+        logger.info("loaded %s (%s) on %s, %d threads; detection %s, min face %d px, max %d faces",
+                    path, self.spec.get("arch"), self.device, torch.get_num_threads(),
+                    self.detection, self.min_face_size, self.max_faces)
+
+    def detector(self) -> faces.FaceDetector:
+        """The MTCNN detector on the worker's device (created on first use)."""
+        if self._detector is None:
+            self._detector = faces.FaceDetector(device=self.device, min_face_size=self.min_face_size,
+                                                max_faces=self.max_faces)
+        return self._detector
 
     def _warm_up(self) -> None:
-        c, s = int(self.spec["channels"]), int(self.spec["input_size"])
+        c, s = self.channels, self.input_size
         with torch.inference_mode():
             out = self.model(torch.zeros(1, c, s, s, device=self.device))
         if tuple(out.shape) != (1, len(self.labels)):
             raise RuntimeError(f"model output shape {tuple(out.shape)}, expected (1, {len(self.labels)})")
 
-    def find_faces(self, image: Image.Image) -> list[tuple[list[int], bool, Image.Image]]:
-        """Faces in an image as ``(box, detected, crop)``; for now the whole image, undetected."""
-        return [([0, 0, image.width, image.height], False, image)]
+    def request_options(self, row: Any) -> RequestOptions:
+        """This request's ``detection`` and ``max_faces`` (configured values by default)."""
+        opts = RequestOptions(self.detection, self.max_faces)
+        for source in _option_sources(row):
+            if source.get("detection") is not None:
+                opts.detection = parse_detection(source["detection"])
+            if source.get("max_faces") is not None:
+                opts.max_faces = parse_max_faces(source["max_faces"], self.max_faces)
+        return opts
 
-    def preprocess(self, data: list[Any]) -> common.CropBatch:
-        """Decode each request and flatten all its face crops into one batch."""
-        batch = common.CropBatch(len(data))
+    def face_crops(self, images: list[Image.Image], mode: str) -> list[list[faces.FaceCrop] | Exception]:
+        """Per image, its crops (``faces.faces_for_images``, one detection pass for all images);
+        an image whose detection fails gets the exception instead, the others are kept."""
+        detector = self.detector() if mode != "never" else None
+        args = (mode, self.input_size, self.face_margin, self.channels)
+        try:
+            return list(faces.faces_for_images(images, detector, *args))
+        except Exception as e:  # find the image that broke it: retry one by one
+            if len(images) == 1:
+                return [e]
+            logger.warning("face detection failed on a batch of %d (%s); retrying one by one",
+                           len(images), e)
+            return [self.face_crops([img], mode)[0] for img in images]
+
+    def preprocess(self, data: list[Any]) -> ImageBatch:
+        """Decode every request, detect faces in all images at once, flatten the crops."""
+        batch = ImageBatch(common.CropBatch(len(data)), [[] for _ in data], [None] * len(data))
+        failures = batch.crops.failures
+        decoded: dict[int, tuple[Image.Image, RequestOptions]] = {}
         for idx, row in enumerate(data):
             try:
+                opts = self.request_options(row)
                 image = preprocess.decode_image(common.extract_body(row, ("image", "file")))
-                for box, detected, crop in self.find_faces(image):
-                    batch.add(idx, box, detected, preprocess.to_model_input(crop, self.spec))
+                decoded[idx] = (image, opts)
             except Exception as e:  # one bad request must not fail the batch
-                batch.failures.add_exception(idx, e, default_status=400)
-        logger.info("batch of %d requests: %d faces, %d failed", len(data), len(batch), len(batch.failures))
+                failures.add_exception(idx, e, default_status=400)
+        per_request: dict[int, list[faces.FaceCrop] | Exception] = {}
+        for mode in DETECTION_MODES:  # one detection pass per mode present (normally one)
+            idxs = [i for i, (_, opts) in decoded.items() if opts.detection == mode]
+            if idxs:
+                per_request.update(zip(idxs, self.face_crops([decoded[i][0] for i in idxs], mode)))
+        for idx in sorted(per_request):
+            crops, opts = per_request[idx], decoded[idx][1]
+            try:
+                if isinstance(crops, Exception):
+                    raise RuntimeError(f"face detection failed: {crops}") from crops
+                crops = crops[:opts.max_faces]
+                tensors = [preprocess.to_model_input(c.image, self.spec) for c in crops]
+            except Exception as e:
+                failures.add_exception(idx, e, default_status=500)
+                continue
+            for crop, tensor in zip(crops, tensors):
+                batch.crops.add(idx, crop.box, crop.detected, tensor)
+                batch.extras[idx].append(crop.face.to_dict() if crop.face is not None else {})
+            n_found = sum(c.detected for c in crops)
+            batch.notes[idx] = {"mode": opts.detection, "faces_detected": n_found,
+                                "whole_image": n_found == 0 and len(crops) == 1}
+        logger.info("batch of %d requests: %d faces, %d failed", len(data), len(batch.crops), len(failures))
         return batch
 
-    def inference(self, batch: common.CropBatch, *args: Any, **kwargs: Any) -> tuple[common.CropBatch, torch.Tensor]:
+    def inference(self, batch: ImageBatch, *args: Any, **kwargs: Any) -> tuple[ImageBatch, torch.Tensor]:
         """One forward pass over all crops of the batch; returns probabilities on the CPU."""
-        if len(batch) == 0:
+        if len(batch.crops) == 0:
             return batch, torch.empty(0, len(self.labels))
         with torch.inference_mode():
-            logits = self.model(torch.stack(batch.tensors).to(self.device))
+            logits = self.model(torch.stack(batch.crops.tensors).to(self.device))
             probs = torch.softmax(logits.float(), dim=1).cpu()
         return batch, probs
 
-    def postprocess(self, data: tuple[common.CropBatch, torch.Tensor]) -> list[Any]:
+    def postprocess(self, data: tuple[ImageBatch, torch.Tensor]) -> list[Any]:
         """Exactly one response per request: faces with top-k emotions, or that request's error."""
         batch, probs = data
         results: list[Any] = []
-        for faces in batch.split(probs.tolist()):
-            results.append({"faces": [
-                {"box": box, "detected": detected, f"top{self.topk}": common.topk(row, self.labels, self.topk)}
-                for box, detected, row in faces]})
-        return batch.failures.apply(self.context, results)
+        for idx, crops in enumerate(batch.crops.split(probs.tolist())):
+            entries = []
+            for (box, detected, row), extra in zip(crops, batch.extras[idx]):
+                entry = {"box": box, "detected": detected}
+                if extra:
+                    entry.update(score=extra["score"], landmarks=extra["landmarks"])
+                entry[f"top{self.topk}"] = common.topk(row, self.labels, self.topk)
+                entries.append(entry)
+            answer: dict[str, Any] = {"faces": entries}
+            if batch.notes[idx] is not None:
+                answer["detection"] = batch.notes[idx]
+            results.append(answer)
+        return batch.crops.failures.apply(self.context, results)

@@ -25,6 +25,7 @@ SHIPPED = REPO / "pretrain" / "emotion_image.pth"
 FIXTURES = Path(__file__).parent / "fixtures"
 FACES = sorted((FIXTURES / "faces").glob("*/*.jpg"))
 PHOTOS = sorted((FIXTURES / "colour").glob("*.jpg"))
+SCENES = FIXTURES / "photos"  # group.jpg, single_face.jpg, no_face.jpg, photo_tight.jpg
 BATCH_DELAY_MS = 300  # long enough that concurrent test requests share a batch
 
 
@@ -49,7 +50,9 @@ def post(ts, **kwargs) -> requests.Response:
 
 
 def check_answer(answer: dict, path: Path) -> None:
-    assert list(answer) == ["faces"] and len(answer["faces"]) == 1, answer
+    """A face crop (FER 48x48, tight news photo) is classified whole, and the answer says so."""
+    assert list(answer) == ["faces", "detection"] and len(answer["faces"]) == 1, answer
+    assert answer["detection"] == {"mode": "auto", "faces_detected": 0, "whole_image": True}
     face = answer["faces"][0]
     w, h = Image.open(path).size
     assert face["box"] == [0, 0, w, h] and face["detected"] is False
@@ -134,3 +137,71 @@ def test_shipped_model_top1_right_for_happy_and_surprised_faces(server, cls):
     for path in sorted((FIXTURES / "faces" / cls).glob("*.jpg")):
         answer = post(server, data=path.read_bytes()).json()
         assert answer["faces"][0]["top3"][0]["label"] == cls, (path.name, answer)
+
+
+# --- face detection ------------------------------------------------------------------------
+
+def check_detected(face: dict) -> None:
+    assert face["detected"] is True and 0.9 <= face["score"] <= 1.0 and len(face["landmarks"]) == 5
+    assert len(face["top3"]) == 3 and {t["label"] for t in face["top3"]} <= set(LABELS)
+
+
+def test_group_photo_gets_one_entry_per_face(server):
+    from tests.test_faces import GROUP_BOXES, GROUP_SMALL_BOX, iou
+
+    data = (SCENES / "group.jpg").read_bytes()
+    r = post(server, data=data)
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    faces = answer["faces"]
+    assert answer["detection"] == {"mode": "auto", "faces_detected": len(faces), "whole_image": False}
+    assert [iou(f["box"], b) >= 0.5 for f, b in zip(faces, GROUP_BOXES)] == [True] * 4  # largest first
+    assert all(iou(f["box"], GROUP_SMALL_BOX) >= 0.5 for f in faces[4:]), faces[4:]
+    for f in faces:
+        check_detected(f)
+    assert grpc_predict(server.grpc_inference, "emotion_image", data, server.keys["inference"]) == answer
+    two = post(server, json={"image": base64.b64encode(data).decode(), "max_faces": 2})
+    assert two.status_code == 200 and two.json()["faces"] == faces[:2]
+
+
+def test_no_face_frame_and_query_options(server):
+    data = (SCENES / "no_face.jpg").read_bytes()
+    auto = post(server, data=data)
+    assert auto.status_code == 200
+    assert auto.json()["faces"][0]["box"] == [0, 0, 480, 270] and not auto.json()["faces"][0]["detected"]
+    assert auto.json()["detection"]["whole_image"] is True
+    always = post(server, data=data, params={"detection": "always"})
+    assert always.status_code == 200
+    assert always.json() == {"faces": [], "detection": {"mode": "always", "faces_detected": 0,
+                                                        "whole_image": False}}
+    bad = post(server, data=data, params={"detection": "sometimes"})
+    assert bad.status_code == 400 and "detection" in bad.json()["message"]
+    tight = post(server, data=(SCENES / "photo_tight.jpg").read_bytes(), params={"detection": "always"})
+    assert tight.status_code == 200 and tight.json()["faces"][0]["detected"] is True
+
+
+def test_photos_and_a_corrupt_image_in_one_batch(server):
+    from tests.test_faces import SINGLE_BOX, iou
+
+    single = (SCENES / "single_face.jpg").read_bytes()
+    bodies = [(SCENES / "group.jpg").read_bytes(), FACES[0].read_bytes(), single[: len(single) // 3],
+              (SCENES / "no_face.jpg").read_bytes(), single]
+    start = threading.Barrier(len(bodies))
+
+    def send(body: bytes) -> requests.Response:
+        start.wait()
+        return post(server, data=body)
+
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        responses = list(pool.map(send, bodies))
+    assert [r.status_code for r in responses] == [200, 200, 400, 200, 200], [r.text for r in responses]
+    group, crop, corrupt, no_face, one = [r.json() for r in responses]
+    assert len(group["faces"]) >= 4 and all(f["detected"] for f in group["faces"])
+    check_answer(crop, FACES[0])
+    assert corrupt["code"] == 400 and "corrupt" in corrupt["message"]
+    assert no_face["faces"][0]["detected"] is False and no_face["detection"]["whole_image"]
+    assert len(one["faces"]) == 1 and iou(one["faces"][0]["box"], SINGLE_BOX) >= 0.5
+    check_detected(one["faces"][0])
+    log = (server.workdir / "logs" / "model_log.log").read_text()
+    batches = [tuple(map(int, m)) for m in re.findall(r"batch of (\d+) requests: (\d+) faces, (\d+) failed", log)]
+    assert any(n > 2 and failed == 1 and faces > n for n, faces, failed in batches), batches

@@ -75,8 +75,10 @@ def face_bytes(cls: str = "happy", fmt: str = "JPEG", **save) -> bytes:
 
 
 def assert_answer(answer: dict, size: tuple[int, int]) -> None:
-    assert list(answer) == ["faces"] and len(answer["faces"]) == 1
+    assert list(answer) == ["faces", "detection"] and len(answer["faces"]) == 1
+    assert answer["detection"] == {"mode": "auto", "faces_detected": 0, "whole_image": True}
     face = answer["faces"][0]
+    assert list(face) == ["box", "detected", "top3"]
     assert face["box"] == [0, 0, *size] and face["detected"] is False
     probs = [t["probability"] for t in face["top3"]]
     assert len(probs) == 3 and probs == sorted(probs, reverse=True)
@@ -90,6 +92,8 @@ def test_spec_and_labels_come_from_the_archive(handler, model_dir):
     assert handler.labels == [index[str(i)] for i in range(len(index))] == list(LABELS)
     assert handler.spec["input_size"] == 48 and handler.spec["channels"] == 1
     assert handler.device == torch.device("cpu") and handler.topk == 3
+    assert (handler.detection, handler.min_face_size, handler.max_faces) == ("auto", 20, 20)
+    assert handler.input_size == 48 and handler.channels == 1
 
 
 def test_one_bad_request_fails_alone(handler, model_dir):
@@ -213,3 +217,201 @@ print("ok")
     res = subprocess.run([sys.executable, "-c", script], cwd=model_dir, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "ok"
+
+
+# --- face detection in the handler ---------------------------------------------------------
+
+PHOTOS = Path(__file__).parent / "fixtures" / "photos"
+
+
+def photo_bytes(name: str) -> bytes:
+    return (PHOTOS / name).read_bytes()
+
+
+def box_size(box) -> float:
+    return ((box[2] - box[0]) * (box[3] - box[1])) ** 0.5
+
+
+def assert_top3(face: dict) -> None:
+    probs = [t["probability"] for t in face["top3"]]
+    assert len(probs) == 3 and probs == sorted(probs, reverse=True)
+    assert {t["label"] for t in face["top3"]} <= set(LABELS)
+
+
+class CountingDetector:
+    """Wraps the real detector: counts ``detect`` calls and images; can fail on chosen sizes."""
+
+    def __init__(self, real, fail_sizes=()) -> None:
+        self.real, self.fail_sizes, self.calls = real, set(fail_sizes), []
+
+    def detect(self, images):
+        self.calls.append([img.size for img in images])
+        if any(img.size in self.fail_sizes for img in images):
+            raise RuntimeError("detector broke")
+        return self.real.detect(images)
+
+
+@pytest.fixture
+def counting(handler):
+    real = handler.detector()
+    yield lambda fail_sizes=(): setattr(handler, "_detector", CountingDetector(real, fail_sizes)) \
+        or handler._detector
+    handler._detector = real
+
+
+def test_group_photo_one_entry_per_face_sorted_by_size(handler, model_dir):
+    from tests.test_faces import GROUP_BOXES, GROUP_SMALL_BOX, iou
+
+    (answer,), status = run(handler, model_dir, [{"body": photo_bytes("group.jpg")}])
+    assert status == [200]
+    found = answer["faces"]
+    assert answer["detection"] == {"mode": "auto", "faces_detected": len(found), "whole_image": False}
+    for expected in GROUP_BOXES:  # every verified face is there, in original pixels
+        assert max(iou(f["box"], expected) for f in found) >= 0.5, expected
+    extra = [f["box"] for f in found if max(iou(f["box"], e) for e in GROUP_BOXES) < 0.5]
+    assert all(iou(b, GROUP_SMALL_BOX) >= 0.5 for b in extra), extra
+    assert [iou(f["box"], e) >= 0.5 for f, e in zip(found, GROUP_BOXES)] == [True] * 4  # largest first
+    sizes = [box_size(f["box"]) for f in found]
+    assert sizes == sorted(sizes, reverse=True)
+    for f in found:
+        assert list(f) == ["box", "detected", "score", "landmarks", "top3"]
+        assert f["detected"] is True and 0.9 <= f["score"] <= 1.0
+        assert len(f["landmarks"]) == 5 and all(len(p) == 2 for p in f["landmarks"])
+        x1, y1, x2, y2 = f["box"]
+        cx, cy = sum(p[0] for p in f["landmarks"]) / 5, sum(p[1] for p in f["landmarks"]) / 5
+        assert x1 <= cx <= x2 and y1 <= cy <= y2
+        assert_top3(f)
+
+
+def test_single_face_box_and_tight_photo(handler, model_dir):
+    from tests.test_faces import SINGLE_BOX, iou
+
+    out, status = run(handler, model_dir, [{"body": photo_bytes("single_face.jpg")},
+                                           {"body": photo_bytes("photo_tight.jpg")}])
+    assert status == [200, 200]
+    (face,) = out[0]["faces"]
+    assert face["detected"] and iou(face["box"], SINGLE_BOX) >= 0.5
+    # A news photo that is already a face crop: classified whole, and the answer says so.
+    assert out[1]["faces"][0]["box"] == [0, 0, 350, 350] and out[1]["faces"][0]["detected"] is False
+    assert out[1]["detection"] == {"mode": "auto", "faces_detected": 0, "whole_image": True}
+
+
+def test_no_face_image(handler, model_dir):
+    body = photo_bytes("no_face.jpg")
+    out, status = run(handler, model_dir, [{"body": body}, {"body": body, "detection": b"always"},
+                                           {"body": body, "detection": "never"}])
+    assert status == [200, 200, 200]
+    assert_answer(out[0], (480, 270))  # auto: whole image, detected false
+    assert out[1] == {"faces": [], "detection": {"mode": "always", "faces_detected": 0, "whole_image": False}}
+    assert out[2]["faces"] == out[0]["faces"]
+    assert out[2]["detection"] == {"mode": "never", "faces_detected": 0, "whole_image": True}
+
+
+def test_tight_48px_crop_is_classified_whole_without_detection(handler, model_dir, counting):
+    det = counting()
+    out, status = run(handler, model_dir, [{"body": face_bytes("surprise")}])
+    assert status == [200]
+    assert_answer(out[0], (48, 48))
+    assert det.calls == []  # a 48x48 input is a face crop already: MTCNN does not run
+
+
+def test_detection_runs_once_per_batch(handler, model_dir, counting):
+    det = counting()
+    bodies = [photo_bytes(n) for n in ("group.jpg", "single_face.jpg", "no_face.jpg", "photo_tight.jpg")]
+    out, status = run(handler, model_dir, [{"body": b} for b in bodies + [face_bytes()]])
+    assert status == [200] * 5
+    assert det.calls == [[(800, 450), (640, 360), (480, 270), (350, 350)]]  # one call, 48x48 skipped
+    singles = [run(handler, model_dir, [{"body": b}])[0][0] for b in bodies]
+    for got, want in zip(out, singles):
+        assert [f["box"] for f in got["faces"]] == [f["box"] for f in want["faces"]]
+        for g, w in zip(got["faces"], want["faces"]):
+            assert [t["probability"] for t in g["top3"]] == pytest.approx(
+                [t["probability"] for t in w["top3"]], abs=1e-5)
+
+
+def test_per_request_options(handler, model_dir):
+    group = photo_bytes("group.jpg")
+    b64 = base64.b64encode(group).decode()
+    rows = [{"body": group},
+            {"body": group, "max_faces": b"2"},                                   # query / form field
+            {"body": {"image": b64, "detection": "never"}},                        # JSON fields
+            {"body": json.dumps({"data": b64, "max_faces": 1}).encode()},         # JSON, no content type
+            {"data": group, "detection": "ALWAYS", "max_faces": "3"}]             # gRPC / multipart
+    out, status = run(handler, model_dir, rows)
+    assert status == [200] * 5
+    full = out[0]["faces"]
+    assert len(full) >= 4
+    assert out[1]["faces"] == full[:2] and out[3]["faces"] == full[:1] and out[4]["faces"] == full[:3]
+    assert out[2]["faces"][0]["box"] == [0, 0, 800, 450] and len(out[2]["faces"]) == 1
+    assert out[2]["detection"]["mode"] == "never" and out[4]["detection"]["mode"] == "always"
+
+
+@pytest.mark.parametrize("option", [
+    {"detection": b"sometimes"}, {"detection": ""}, {"max_faces": b"0"}, {"max_faces": "21"},
+    {"max_faces": "two"}, {"max_faces": 2.5}, {"max_faces": True}, {"max_faces": -1}])
+def test_bad_options_fail_alone_with_400(handler, model_dir, option):
+    good = photo_bytes("single_face.jpg")
+    out, status = run(handler, model_dir, [{"body": good}, {"body": good, **option},
+                                           {"body": {"image": base64.b64encode(good).decode(), **option}}])
+    assert status == [200, 400, 400]
+    key = next(iter(option))
+    assert out[1]["code"] == 400 and key in out[1]["message"] and out[1] == out[2]
+    assert out[0]["faces"][0]["detected"] is True
+
+
+def test_detection_failure_fails_only_that_image(handler, model_dir, counting):
+    det = counting(fail_sizes={(480, 270)})
+    rows = [{"body": photo_bytes("single_face.jpg")}, {"body": photo_bytes("no_face.jpg")},
+            {"body": face_bytes()}]
+    out, status = run(handler, model_dir, rows)
+    assert status == [200, 500, 200]
+    assert out[0]["faces"][0]["detected"] is True and out[2]["faces"][0]["box"] == [0, 0, 48, 48]
+    assert out[1]["code"] == 500 and "face detection failed" in out[1]["message"]
+    assert len(det.calls) == 3  # the batch, then one by one
+
+
+def test_options_from_model_config(model_dir, handler):
+    import copy
+
+    ctx = make_context(model_dir, 1)
+    base = copy.deepcopy(ctx.model_yaml_config)
+    ctx.model_yaml_config["handler"].update(detection="never", max_faces=2, min_face_size=30)
+    h = EmotionImageHandler()
+    h.initialize(ctx)
+    assert (h.detection, h.max_faces, h.min_face_size) == ("never", 2, 30) and h._detector is None
+    group = photo_bytes("group.jpg")
+    out, _ = run(h, model_dir, [{"body": group}, {"body": group, "detection": "auto"},
+                                {"body": group, "max_faces": "3"}])
+    assert out[0]["faces"][0]["box"] == [0, 0, 800, 450] and not out[0]["faces"][0]["detected"]
+    assert len(out[1]["faces"]) == 2  # min face 30 px, at most 2
+    assert all(min(f["box"][2] - f["box"][0], f["box"][3] - f["box"][1]) >= 29 for f in out[1]["faces"])
+    assert out[2]["code"] == 400  # above the configured max_faces
+    for bad in ({"detection": "maybe"}, {"max_faces": 0}):
+        ctx = make_context(model_dir, 1)
+        ctx.model_yaml_config = {**base, "handler": {**base["handler"], **bad}}
+        with pytest.raises(ValueError):
+            EmotionImageHandler().initialize(ctx)
+
+
+def test_archive_declares_detection_options(model_dir):
+    import yaml
+
+    cfg = yaml.safe_load((model_dir / "model-config.yaml").read_text())["handler"]
+    assert (cfg["detection"], cfg["min_face_size"], cfg["max_faces"]) == ("auto", 20, 20)
+
+
+@pytest.mark.parametrize("name,mode", [("single_face.jpg", "auto"), ("group.jpg", "auto"),
+                                       ("photo_tight.jpg", "auto"), ("photo_tight.jpg", "always")])
+def test_evaluator_crop_equals_handler_crop(handler, name, mode):
+    """``training.evaluate --detect-faces`` sees exactly the tensor the handler classifies."""
+    from handlers.preprocess import decode_image, to_uint8
+    from training.engine import prepare_batch
+    from training.evaluate import build_face_crop
+
+    body = photo_bytes(name)
+    batch = handler.preprocess([{"body": body, "detection": mode}])
+    crop = build_face_crop(handler.spec, "cpu", mode)(decode_image(body))
+    evaluated = prepare_batch(to_uint8(crop, handler.spec)[None], handler.spec)[0]  # dataset + engine
+    assert torch.equal(evaluated, batch.crops.tensors[0])  # the largest face (first entry)
+    if name == "group.jpg":
+        assert not torch.equal(evaluated, batch.crops.tensors[1])

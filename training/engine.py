@@ -46,6 +46,7 @@ class FitConfig:
     output_dir: str = "runs/image"
     best_name: str = "best.pth"
     resume: bool = False
+    eval_initial: bool = False  # score the starting weights as "epoch 0" (fine-tuning must beat them)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -144,6 +145,9 @@ def train_one_epoch(model: nn.Module, loader: Iterable, opt: torch.optim.Optimiz
                     epoch: int, show: bool) -> dict[str, float]:
     """One pass over ``loader``; returns the mean loss and the learning rate at the end."""
     model.train()
+    for m in model.modules():  # frozen layers keep their statistics too
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
+            m.eval()
     spec = unwrap(model).spec.to_dict()
     use_amp = cfg.amp and device.type == "cuda"
     total, count = 0.0, 0
@@ -210,6 +214,13 @@ def fit(model: nn.Module, train_loader, val_loader, cfg: FitConfig, device: torc
         log.info("resumed from %s at epoch %d (best acc %.4f at epoch %d)", ckpt_path, start,
                  best["acc"], best["best_epoch"])
     writer = _writer(out) if is_main() else None
+    if cfg.eval_initial and start == 1 and is_main():
+        ev = evaluate(model, val_loader, device, cfg.tta_flip)
+        best = {k: ev[k] for k in ("acc", "acc_top3", "n", "per_class", "confusion")}
+        best["best_epoch"] = 0
+        save_weights(model, out / cfg.best_name, metrics=best, **(extra_meta or {}))
+        history.append({"epoch": 0, "acc": ev["acc"], "acc_top3": ev["acc_top3"], "val_loss": ev["loss"]})
+        log.info("epoch 0 (initial weights): val acc %.4f top3 %.4f", ev["acc"], ev["acc_top3"])
     for epoch in range(start, cfg.epochs + 1):
         if hasattr(getattr(train_loader, "sampler", None), "set_epoch"):
             train_loader.sampler.set_epoch(epoch)
@@ -269,7 +280,7 @@ def confusion_figure(conf: list[list[int]], title: str = "confusion matrix (rows
     c = torch.tensor(conf, dtype=torch.float32)
     norm = c / c.sum(1, keepdim=True).clamp(min=1)
     fig, ax = plt.subplots(figsize=(6, 5))
-    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.imshow(norm.numpy(), cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(len(LABELS)), LABELS, rotation=45, ha="right")
     ax.set_yticks(range(len(LABELS)), LABELS)
     for i in range(len(LABELS)):

@@ -33,6 +33,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="ImageFolder tree, or folder with labels.csv")
     p.add_argument("--weights", help="weights file (default: the shipped pretrain/emotion_<task>.pth)")
     p.add_argument("--detect-faces", action="store_true", help="detect and align faces first (whole photos)")
+    p.add_argument("--detection", choices=["auto", "always"], default="auto",
+                   help="with --detect-faces: auto (the handler's default: tight crops are classified "
+                        "whole) or always (largest face of every photo that has one)")
     p.add_argument("-b", "--batch-size", type=int, default=128)
     p.add_argument("-j", "--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=0)
@@ -40,14 +43,26 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return p
 
 
-def build_face_crop(spec: dict, device: str):
-    """The handler's detect-and-align step as a PIL → PIL function (largest face, else whole image)."""
-    from handlers.faces import FaceDetector, faces_for_images
+def build_face_crop(spec: dict, device: str, mode: str = "auto", min_face_size: int = 20):
+    """The handler's detect-and-align step as a PIL → PIL function: the largest face.
 
-    detector = FaceDetector(device=device)
+    Calls ``handlers.faces.faces_for_images`` exactly as the image handler does (same mode,
+    size, margin, channels and detector settings as the archive's defaults), and keeps the
+    first entry, which is the largest face. In mode ``auto`` a tight face crop or a photo
+    without a face is classified whole, as the handler does; in ``always`` a photo without a
+    face is classified whole too (an evaluation must score every image).
+    """
+    from handlers.faces import DEFAULT_MARGIN, FaceDetector, faces_for_images
+
+    detector = FaceDetector(device=device, min_face_size=min_face_size) if mode != "never" else None
+    args = (int(spec["input_size"]), float(spec.get("face_margin") or 0.0) or DEFAULT_MARGIN,
+            int(spec["channels"]))
 
     def crop(img):
-        return faces_for_images([img], detector, "auto", spec)[0][0][1]
+        (crops,) = faces_for_images([img], detector, mode, *args)
+        if not crops:  # mode "always", no face found
+            (crops,) = faces_for_images([img], None, "never", *args)
+        return crops[0].image
 
     return crop
 
@@ -64,13 +79,14 @@ def main(args: argparse.Namespace) -> dict:
         ds = video_eval_dataset(args.data, spec, detect_faces=args.detect_faces, device=args.device)
     else:
         from .datasets import image_dataset
-        face_crop = build_face_crop(spec, args.device) if args.detect_faces else None
+        face_crop = build_face_crop(spec, args.device, args.detection) if args.detect_faces else None
         ds = image_dataset(args.data, spec, face_crop)
     workers = 0 if args.detect_faces else args.workers
     loader = DataLoader(ds, batch_size=args.batch_size, num_workers=workers)
     res = evaluate(model, loader, args.device, tta_flip=bool(spec.get("extra", {}).get("tta_flip")))
     out = {k: res[k] for k in ("acc", "acc_top3", "n", "per_class", "confusion")}
-    out.update(weights=str(weights), data=str(args.data), detect_faces=args.detect_faces)
+    out.update(weights=str(weights), data=str(args.data), detect_faces=args.detect_faces,
+               detection=args.detection if args.detect_faces else "never")
     print(json.dumps(out))
     return out
 

@@ -61,6 +61,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--rotate", type=float, default=15.0, help="max rotation in degrees")
     p.add_argument("--tta-flip", action="store_true", help="evaluate with mirror averaging")
     p.add_argument("--no-amp", dest="amp", action="store_false", help="disable mixed precision on CUDA")
+    p.add_argument("--still-clips", help="video: synthesise training clips from this ImageFolder of face stills")
+    p.add_argument("--detect-faces", action="store_true", help="video: detect and align the face in each frame")
+    p.add_argument("--freeze", nargs="*", default=[], metavar="PREFIX",
+                   help="freeze parameters whose names start with PREFIX (e.g. frame_cnn)")
+    p.add_argument("--eval-initial", action="store_true",
+                   help="score the starting weights as epoch 0, so the best kept can be the start")
     p.add_argument("--init", help="weights to start from (fine-tuning), e.g. pretrain/emotion_image.pth")
     p.add_argument("--cache", action="store_true", help="decode the datasets into memory once")
     p.add_argument("-j", "--workers", type=int, default=2, help="data-loading processes")
@@ -116,8 +122,16 @@ def main(args: argparse.Namespace) -> dict:
     model = create_model(name, default_spec(name))
     if args.init:
         init = load_checkpoint(args.init)
-        missing = model.load_state_dict(init["state_dict"], strict=False)
-        log.info("initialised from %s (%s)", args.init, missing)
+        if args.task == "video" and init["spec"].get("task") == "image":
+            model.load_frame_weights(init)  # the frame CNN starts from image weights
+            log.info("frame CNN initialised from image weights %s", args.init)
+        else:
+            log.info("initialised from %s (%s)", args.init, model.load_state_dict(init["state_dict"], strict=False))
+    frozen = [n for n, p in model.named_parameters() if any(n.startswith(f) for f in args.freeze)]
+    for n, p in model.named_parameters():
+        p.requires_grad_(n not in frozen)
+    if args.freeze:
+        log.info("froze %d parameter tensors (%s)", len(frozen), ", ".join(args.freeze))
     model.to(device)
     spec = model.spec.to_dict()
     train_ds, val_ds, counts = build_datasets(args, spec)
@@ -134,7 +148,8 @@ def main(args: argparse.Namespace) -> dict:
                     optimizer=args.opt, scheduler=args.sched, warmup_epochs=args.warmup_epochs,
                     label_smoothing=args.label_smoothing, class_balance=args.class_balance,
                     lp_loss=args.lp_loss, lp_k=args.lp_k, tta_flip=args.tta_flip, amp=args.amp,
-                    output_dir=args.output_dir or f"runs/{args.task}", resume=args.resume, augment=aug)
+                    output_dir=args.output_dir or f"runs/{args.task}", resume=args.resume,
+                    eval_initial=args.eval_initial, augment=aug)
     log.info("training %s on %d images (%s), validating on %d, %s x%d", name, len(train_ds),
              counts, len(val_ds), device, world)
     result = fit(model, train_loader, val_loader, cfg, device, counts,

@@ -1,0 +1,182 @@
+"""Datasets, the training engine (loss goes down, resume restores state), the LP loss and the
+evaluation CLI, on tiny data built from the committed face fixtures."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from model_defs import LABELS, create_model, load_checkpoint, load_model, save_weights
+from training.datasets import CsvImageDataset, ImageFolderDataset, ListFileDataset, cache_in_memory, image_dataset
+from training.engine import FitConfig, evaluate, fit, prepare_batch
+from training.augment import AugmentConfig, train_batch
+from training.losses import locality_preserving_loss
+
+REPO = Path(__file__).resolve().parents[1]
+FACES = REPO / "tests" / "fixtures" / "faces"
+SPEC = create_model("emo_resnet_s").spec.to_dict()
+
+
+def _fixture_files() -> list[tuple[Path, str]]:
+    return [(f, d.name) for d in sorted(FACES.iterdir()) for f in sorted(d.glob("*.jpg"))]
+
+
+@pytest.fixture
+def odd_formats_tree(tmp_path: Path) -> Path:
+    """An ImageFolder with some classes missing and PNG/BMP/palette-TIFF/colour files."""
+    root = tmp_path / "tree"
+    for i, (f, label) in enumerate(_fixture_files()):
+        if label in ("disgust", "fear"):
+            continue  # missing classes are allowed
+        (root / label).mkdir(parents=True, exist_ok=True)
+        img = Image.open(f)
+        fmt = ["JPEG", "PNG", "BMP", "TIFF"][i % 4]
+        if fmt == "TIFF":
+            img = img.convert("P")  # palette TIFF
+        elif i % 3 == 0:
+            img = img.convert("RGB")
+        img.save(root / label / f"{f.stem}.{fmt.lower()}", format=fmt)
+    (root / "contempt").mkdir()  # unknown class folder: skipped
+    return root
+
+
+def test_image_folder_reads_every_format_and_allows_missing_classes(odd_formats_tree: Path):
+    ds = ImageFolderDataset(odd_formats_tree, SPEC)
+    assert len(ds) == 10
+    counts = ds.class_counts()
+    assert counts[LABELS.index("disgust")] == 0 and counts[LABELS.index("happy")] == 2
+    x, y = ds[0]
+    assert x.dtype == torch.uint8 and tuple(x.shape) == (1, 48, 48)
+    assert LABELS[y] == "angry"
+
+
+def test_list_file_zero_and_one_based(tmp_path: Path):
+    files = _fixture_files()
+    for name, offset in (("zero.txt", 0), ("one.txt", 1)):
+        (tmp_path / name).write_text("".join(
+            f"{f.relative_to(FACES)} {LABELS.index(lab) + offset}\n" for f, lab in files))
+    zero = ListFileDataset(FACES, tmp_path / "zero.txt", SPEC)
+    one = ListFileDataset(FACES, tmp_path / "one.txt", SPEC, one_based=True)
+    assert zero.labels == one.labels == [LABELS.index(lab) for _, lab in files]
+    with pytest.raises(ValueError, match="one_based"):
+        ListFileDataset(FACES, tmp_path / "one.txt", SPEC)  # label 7 without the flag
+
+
+def test_csv_dataset(tmp_path: Path):
+    (tmp_path / "images").mkdir()
+    rows = ["image,emotion"]
+    for f, lab in _fixture_files()[:4]:
+        shutil.copy(f, tmp_path / "images" / f.name)
+        rows.append(f"{f.name},{'anger' if lab == 'angry' else lab}")
+    rows.append("missing.jpg,contempt")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    ds = image_dataset(tmp_path, SPEC)
+    assert isinstance(ds, CsvImageDataset) and len(ds) == 4 and ds.labels[0] == LABELS.index("angry")
+
+
+def test_augmentation_keeps_shape_and_soft_targets_sum_to_one():
+    x = torch.randint(0, 256, (8, 1, 48, 48), dtype=torch.uint8)
+    y = torch.arange(8) % 7
+    xa, t = train_batch(x, y, SPEC, AugmentConfig(mixup=0.4, cutmix=1.0, mix_prob=1.0), 7)
+    assert xa.shape == (8, 1, 48, 48) and xa.dtype == torch.float32
+    assert torch.allclose(t.sum(1), torch.ones(8))
+
+
+def test_lp_loss_pulls_same_class_neighbours():
+    f = torch.tensor([[0.0, 0.0], [1.0, 0.0], [10.0, 10.0], [11.0, 10.0]], requires_grad=True)
+    y = torch.tensor([0, 0, 1, 1])
+    loss = locality_preserving_loss(f, y, k=1)
+    assert loss.item() == pytest.approx(0.5)  # each point is 1 away from its only neighbour
+    loss.backward()
+    assert f.grad[0, 0] < 0 < f.grad[1, 0]  # moves the pair together
+    assert locality_preserving_loss(f, torch.tensor([0, 1, 2, 3]), k=1).item() == 0.0
+
+
+def _loaders(batch: int = 7):
+    ds = cache_in_memory(ImageFolderDataset(FACES, SPEC))
+    return DataLoader(ds, batch_size=batch, shuffle=True, drop_last=True), DataLoader(ds, batch_size=14)
+
+
+def _batch_stat_loss(model, loader) -> float:
+    """Loss with batch statistics (12 steps are too few for BatchNorm's running averages)."""
+    x, y = next(iter(loader))
+    model.train()
+    with torch.no_grad():
+        out = model(prepare_batch(x, SPEC))
+    model.eval()
+    return torch.nn.functional.cross_entropy(out, y).item()
+
+
+def test_fit_lowers_loss_and_keeps_best(tmp_path: Path):
+    torch.manual_seed(0)
+    train, val = _loaders()
+    model = create_model("emo_resnet_s")
+    before = _batch_stat_loss(model, val)
+    cfg = FitConfig(epochs=6, lr=0.01, optimizer="adamw", output_dir=str(tmp_path),
+                    augment=AugmentConfig(rotate=0, scale=(1, 1), translate=0, erase=0, brightness=0, contrast=0))
+    res = fit(model, train, val, cfg)
+    assert _batch_stat_loss(model, val) < before
+    assert res["history"][-1]["train_loss"] < res["history"][0]["train_loss"]
+    best = load_checkpoint(tmp_path / "best.pth")
+    assert best["metrics"]["best_epoch"] == res["best_epoch"]
+    assert best["metrics"]["acc"] == pytest.approx(max(h["acc"] for h in res["history"]))
+    assert (tmp_path / "tb").is_dir() and any((tmp_path / "tb").iterdir())
+
+
+def test_resume_restores_model_optimizer_scheduler_and_best(tmp_path: Path):
+    torch.manual_seed(0)
+    train, val = _loaders()
+    model = create_model("emo_resnet_s")
+    fit(model, train, val, FitConfig(epochs=2, lr=0.01, output_dir=str(tmp_path)))
+    ck2 = load_checkpoint(tmp_path / "checkpoint.pth")
+    assert ck2["epoch"] == 2 and len(ck2["history"]) == 2
+    resumed = create_model("emo_resnet_s")
+    res = fit(resumed, train, val, FitConfig(epochs=3, lr=0.01, output_dir=str(tmp_path), resume=True))
+    ck3 = load_checkpoint(tmp_path / "checkpoint.pth")
+    assert ck3["epoch"] == 3 and [h["epoch"] for h in res["history"]] == [1, 2, 3]
+    assert ck3["history"][:2] == ck2["history"]
+    assert ck3["scheduler"]["last_epoch"] == 3 * len(train)  # continued, not restarted
+    assert ck3["best"]["acc"] >= ck2["best"]["acc"]
+
+
+def test_eval_initial_records_epoch_zero(tmp_path: Path):
+    train, val = _loaders()
+    res = fit(create_model("emo_resnet_s"), train, val,
+              FitConfig(epochs=1, lr=1e-9, output_dir=str(tmp_path), eval_initial=True))
+    assert res["history"][0]["epoch"] == 0
+    assert res["best_epoch"] in (0, 1)
+
+
+def test_evaluate_cli_prints_json_last_line(tmp_path: Path, odd_formats_tree: Path):
+    weights = tmp_path / "w.pth"
+    save_weights(create_model("emo_resnet_s"), weights)
+    out = subprocess.run([sys.executable, "-m", "training.evaluate", "--task", "image", "--data",
+                          str(odd_formats_tree), "--weights", str(weights), "--workers", "0"],
+                         cwd=REPO, capture_output=True, text=True, check=True)
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["n"] == 10 and 0 <= res["acc"] <= res["acc_top3"] <= 1
+    assert set(res["per_class"]) == set(LABELS) and res["per_class"]["disgust"] is None
+    # the same numbers as the engine on the same data (one preprocessing path)
+    direct = evaluate(load_model(weights), DataLoader(ImageFolderDataset(odd_formats_tree, SPEC), batch_size=4))
+    assert res["acc"] == pytest.approx(direct["acc"]) and res["confusion"] == direct["confusion"]
+
+
+def test_train_cli_smoke_and_resume(tmp_path: Path):
+    out_dir = tmp_path / "run"
+    data = tmp_path / "data"
+    shutil.copytree(FACES, data / "train")
+    shutil.copytree(FACES, data / "val")
+    cmd = [sys.executable, "-m", "training.run", "--task", "image", "--data", str(data), "--epochs", "1",
+           "-b", "7", "--workers", "0", "--output-dir", str(out_dir), "--threads", "1"]
+    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
+    r = subprocess.run(cmd[:8] + ["2"] + cmd[9:] + ["--resume"], cwd=REPO, check=True, capture_output=True, text=True)
+    assert "resumed from" in r.stderr
+    assert load_checkpoint(out_dir / "checkpoint.pth")["epoch"] == 2
+    assert load_model(out_dir / "best.pth").spec.arch == "emo_resnet_s"
