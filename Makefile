@@ -10,7 +10,7 @@ MODEL_STORE := model_store
 SERVE_TIMEOUT ?= 180
 MGMT := http://127.0.0.1:8081
 
-.PHONY: install archives serve stop test grpc-stubs clean
+.PHONY: install archives serve stop test grpc-stubs bench bench-quick clean
 
 install: $(STAMP)
 
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install torchserve==0.12.0 torch-model-archiver==0.12.0 pillow numpy av \
 		pyyaml tqdm tensorboard matplotlib psutil requests grpcio grpcio-tools \
-		googleapis-common-protos pytest
+		googleapis-common-protos pytest captum
 	$(PY) -m pip install -e '.[test]'
 	$(PY) -m pip install --no-deps facenet-pytorch==2.6.0
 	touch $@
@@ -42,9 +42,13 @@ pretrain/%.pth:
 
 # Start TorchServe in the background (token authorization on; keys in ./key_file.json) and
 # wait until every model has a READY worker; on failure print the log and stop the server.
+# config.properties names metrics.yaml relative to the repository: TorchServe's workers do not
+# run from here, so the server gets a copy (build/config.properties) with that path made absolute.
 serve: install archives
+	mkdir -p build
+	sed 's|^metrics_config=\([^/].*\)$$|metrics_config=$(CURDIR)/\1|' config.properties > build/config.properties
 	$(PY) -m ts.model_server --start --ncs --model-store $(MODEL_STORE) \
-		--ts-config config.properties --models $(MODELS) > torchserve.out 2>&1 < /dev/null
+		--ts-config build/config.properties --models $(MODELS) > torchserve.out 2>&1 < /dev/null
 	deadline=$$((SECONDS + $(SERVE_TIMEOUT))); \
 	for m in $(basename $(MODELS)); do \
 		until key=$$($(PY) -c 'import json;print(json.load(open("key_file.json"))["management"]["key"])' 2>/dev/null) \
@@ -69,6 +73,15 @@ stop:
 
 test: install
 	$(PY) -m pytest -q tests
+
+# Served throughput/latency vs the in-process limit and TorchServe's stock image_classifier
+# handler (bench/serve_bench.py; < 10 minutes; results in bench/results/). Starts its own
+# TorchServe (run `make stop` first if one is up). ARGS=--quick for a smoke run.
+bench: install
+	$(PY) bench/serve_bench.py $(ARGS)
+
+bench-quick: install
+	$(PY) bench/serve_bench.py --quick $(ARGS)
 
 grpc-stubs: install
 	$(PY) -c 'from tests.grpc_client import generate_stubs; print(generate_stubs())'

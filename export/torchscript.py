@@ -69,16 +69,22 @@ def verify_scripted(model: nn.Module, scripted: torch.jit.ScriptModule, example:
 
 
 def export_torchscript(model: nn.Module, spec: Mapping[str, Any], path: str | os.PathLike,
-                       batch: int = 4) -> Path:
+                       batch: int = 4, freeze: bool = True) -> Path:
     """Compile ``model``, save it to ``path`` with ``spec.json`` inside, and verify the saved file.
 
-    The saved file is loaded back and compared with the eager model on a random batch,
-    so what is written is exactly what was checked.
+    ``freeze``: inline the weights as constants and fold BatchNorm into the convolutions
+    (``torch.jit.freeze``; device-neutral, unlike ``optimize_for_inference``, whose CPU graph
+    uses MKLDNN ops: the handlers apply that at load time on the CPU). The saved file is
+    loaded back and compared with the eager model on a random batch, so what is written is
+    exactly what was checked.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     example = example_input(spec, batch)
     scripted = compile_model(model, example)
+    if freeze:
+        with _quiet():
+            scripted = torch.jit.freeze(scripted.eval())
     with _quiet():
         torch.jit.save(scripted, str(path), _extra_files={SPEC_FILE: json.dumps(dict(spec), sort_keys=True)})
     loaded, loaded_spec = load_scripted(path)

@@ -11,7 +11,7 @@ import binascii
 import json
 import logging
 from http import HTTPStatus
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 try:  # inside the repository (package import)
     from .preprocess import InputError
@@ -216,3 +216,30 @@ def load_scripted_model(context: Any, device: "torch.device", spec_file: str = "
     if not extra[spec_file]:
         raise RuntimeError(f"{path}: no {spec_file} inside the TorchScript file")
     return model, json.loads(extra[spec_file])
+
+
+def optimize_for_cpu(load: Callable[[], Any], example: "torch.Tensor", atol: float = 1e-4,
+                     rtol: float = 1e-3) -> Any:
+    """``load()`` a TorchScript model and apply ``torch.jit.optimize_for_inference`` (MKLDNN
+    convolutions; CPU only), keeping it only if it gives the plain model's output on
+    ``example``; otherwise (the pass works in place) a freshly loaded plain model."""
+    import warnings
+
+    import torch
+
+    model = load()
+    try:
+        with torch.inference_mode():
+            want = model(example)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fast = torch.jit.optimize_for_inference(model)
+        with torch.inference_mode():
+            got = fast(example)
+        if got.shape == want.shape and torch.allclose(got, want, atol=atol, rtol=rtol):
+            return fast
+        logger.warning("optimize_for_inference changed the output (max abs diff %.3g): not used",
+                       (got - want).abs().max().item())
+    except Exception as e:  # an optimisation only: never fail loading for it
+        logger.warning("optimize_for_inference failed (%s): not used", e)
+    return load()

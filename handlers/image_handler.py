@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import warnings
-from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
@@ -48,21 +47,10 @@ SPEC_FILE = "spec.json"
 DETECTION_MODES = ("auto", "always", "never")
 
 
-@dataclass
-class RequestOptions:
-    """Per-request detection options (validated)."""
-
-    detection: str
-    max_faces: int
-
-
-@dataclass
-class ImageBatch:
-    """One TorchServe batch after preprocessing: crops to classify and what to say per request."""
-
-    crops: common.CropBatch
-    extras: list[list[dict[str, Any]]] = field(default_factory=list)  # per request, per crop
-    notes: list[dict[str, Any] | None] = field(default_factory=list)  # per request: "detection"
+# TorchServe loads the one class defined in this module: helpers here are functions and tuples.
+RequestOptions = tuple[str, int]  # (detection mode, max_faces), validated
+# (CropBatch, per request the extras of each crop, per request its "detection" note)
+ImageBatch = tuple[common.CropBatch, list[list[dict[str, Any]]], list[dict[str, Any] | None]]
 
 
 def _text(value: Any) -> str:
@@ -175,13 +163,13 @@ class EmotionImageHandler(BaseHandler):
 
     def request_options(self, row: Any) -> RequestOptions:
         """This request's ``detection`` and ``max_faces`` (configured values by default)."""
-        opts = RequestOptions(self.detection, self.max_faces)
+        mode, max_faces = self.detection, self.max_faces
         for source in _option_sources(row):
             if source.get("detection") is not None:
-                opts.detection = parse_detection(source["detection"])
+                mode = parse_detection(source["detection"])
             if source.get("max_faces") is not None:
-                opts.max_faces = parse_max_faces(source["max_faces"], self.max_faces)
-        return opts
+                max_faces = parse_max_faces(source["max_faces"], self.max_faces)
+        return mode, max_faces
 
     def face_crops(self, images: list[Image.Image], mode: str) -> list[list[faces.FaceCrop] | Exception]:
         """Per image, its crops (``faces.faces_for_images``, one detection pass for all images);
@@ -198,11 +186,18 @@ class EmotionImageHandler(BaseHandler):
             return [self.face_crops([img], mode)[0] for img in images]
 
     def preprocess(self, data: list[Any]) -> ImageBatch:
-        """Decode every request, detect faces in all images at once, flatten the crops."""
-        batch = ImageBatch(common.CropBatch(len(data)), [[] for _ in data], [None] * len(data))
-        failures = batch.crops.failures
+        """Decode every request, detect faces in all images at once, flatten the crops.
+
+        Returns ``(crops, extras, notes)``: the CropBatch, per request the score/landmarks of
+        each of its crops, and per request its ``detection`` note (None for a failed request).
+        """
+        crop_batch = common.CropBatch(len(data))
+        extras: list[list[dict[str, Any]]] = [[] for _ in data]
+        notes: list[dict[str, Any] | None] = [None] * len(data)
+        failures = crop_batch.failures
         decoded: dict[int, tuple[Image.Image, RequestOptions]] = {}
         for idx, row in enumerate(data):
+            logger.info("DEBUGROW %r", {k: (type(v).__name__, v[:20] if isinstance(v, (bytes, str)) else v) for k, v in row.items()} if isinstance(row, dict) else type(row))
             try:
                 opts = self.request_options(row)
                 image = preprocess.decode_image(common.extract_body(row, ("image", "file")))
@@ -211,51 +206,52 @@ class EmotionImageHandler(BaseHandler):
                 failures.add_exception(idx, e, default_status=400)
         per_request: dict[int, list[faces.FaceCrop] | Exception] = {}
         for mode in DETECTION_MODES:  # one detection pass per mode present (normally one)
-            idxs = [i for i, (_, opts) in decoded.items() if opts.detection == mode]
+            idxs = [i for i, (_, opts) in decoded.items() if opts[0] == mode]
             if idxs:
                 per_request.update(zip(idxs, self.face_crops([decoded[i][0] for i in idxs], mode)))
         for idx in sorted(per_request):
-            crops, opts = per_request[idx], decoded[idx][1]
+            crops, (mode, max_faces) = per_request[idx], decoded[idx][1]
             try:
                 if isinstance(crops, Exception):
                     raise RuntimeError(f"face detection failed: {crops}") from crops
-                crops = crops[:opts.max_faces]
+                crops = crops[:max_faces]
                 tensors = [preprocess.to_model_input(c.image, self.spec) for c in crops]
             except Exception as e:
                 failures.add_exception(idx, e, default_status=500)
                 continue
             for crop, tensor in zip(crops, tensors):
-                batch.crops.add(idx, crop.box, crop.detected, tensor)
-                batch.extras[idx].append(crop.face.to_dict() if crop.face is not None else {})
+                crop_batch.add(idx, crop.box, crop.detected, tensor)
+                extras[idx].append(crop.face.to_dict() if crop.face is not None else {})
             n_found = sum(c.detected for c in crops)
-            batch.notes[idx] = {"mode": opts.detection, "faces_detected": n_found,
-                                "whole_image": n_found == 0 and len(crops) == 1}
-        logger.info("batch of %d requests: %d faces, %d failed", len(data), len(batch.crops), len(failures))
-        return batch
+            notes[idx] = {"mode": mode, "faces_detected": n_found,
+                          "whole_image": n_found == 0 and len(crops) == 1}
+        logger.info("batch of %d requests: %d faces, %d failed", len(data), len(crop_batch), len(failures))
+        return crop_batch, extras, notes
 
     def inference(self, batch: ImageBatch, *args: Any, **kwargs: Any) -> tuple[ImageBatch, torch.Tensor]:
         """One forward pass over all crops of the batch; returns probabilities on the CPU."""
-        if len(batch.crops) == 0:
+        crops = batch[0]
+        if len(crops) == 0:
             return batch, torch.empty(0, len(self.labels))
         with torch.inference_mode():
-            logits = self.model(torch.stack(batch.crops.tensors).to(self.device))
+            logits = self.model(torch.stack(crops.tensors).to(self.device))
             probs = torch.softmax(logits.float(), dim=1).cpu()
         return batch, probs
 
     def postprocess(self, data: tuple[ImageBatch, torch.Tensor]) -> list[Any]:
         """Exactly one response per request: faces with top-k emotions, or that request's error."""
-        batch, probs = data
+        (crop_batch, extras, notes), probs = data
         results: list[Any] = []
-        for idx, crops in enumerate(batch.crops.split(probs.tolist())):
+        for idx, crops in enumerate(crop_batch.split(probs.tolist())):
             entries = []
-            for (box, detected, row), extra in zip(crops, batch.extras[idx]):
+            for (box, detected, row), extra in zip(crops, extras[idx]):
                 entry = {"box": box, "detected": detected}
                 if extra:
                     entry.update(score=extra["score"], landmarks=extra["landmarks"])
                 entry[f"top{self.topk}"] = common.topk(row, self.labels, self.topk)
                 entries.append(entry)
             answer: dict[str, Any] = {"faces": entries}
-            if batch.notes[idx] is not None:
-                answer["detection"] = batch.notes[idx]
+            if notes[idx] is not None:
+                answer["detection"] = notes[idx]
             results.append(answer)
-        return batch.crops.failures.apply(self.context, results)
+        return crop_batch.failures.apply(self.context, results)

@@ -21,7 +21,10 @@ from typing import Iterable, Sequence, Union
 import av
 from PIL import Image
 
-from .preprocess import InputError
+try:  # inside the repository (package import)
+    from .preprocess import InputError
+except ImportError:  # inside a .mar the shared modules sit flat beside the handler
+    from preprocess import InputError  # type: ignore[no-redef]
 
 log = logging.getLogger(__name__)
 

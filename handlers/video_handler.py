@@ -16,7 +16,6 @@ own 4xx and ``{"code", "type", "message"}`` while the rest of the batch is answe
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,39 +24,21 @@ from ts.torch_handler.base_handler import BaseHandler
 
 try:  # inside the repository (package import)
     from . import common, faces, preprocess, video_decode
+    from .video_batch import VideoBatch, VideoRequest
 except ImportError:  # inside a .mar the shared modules sit flat beside the handler
     import common  # type: ignore[no-redef]
     import faces  # type: ignore[no-redef]
     import preprocess  # type: ignore[no-redef]
     import video_decode  # type: ignore[no-redef]
+    from video_batch import VideoBatch, VideoRequest  # type: ignore[no-redef]
 
 logger = logging.getLogger(__name__)
 
+# TorchServe requires the handler module to define exactly one class: the request and batch
+# records live in ``video_batch``.
+
 BODY_NAMES = ("video", "file")
 DETECTION_MODES = ("auto", "always", "never")
-
-
-@dataclass
-class VideoRequest:
-    """One usable request: what was probed, the clips to classify and their frames."""
-
-    idx: int
-    info: video_decode.VideoInfo
-    clips: list[list[int]]  # frame indices per clip: the overall clip first, then the windows
-    windows: list[video_decode.Window]
-    frames: dict[int, Image.Image] = field(default_factory=dict)
-    crops: dict[int, torch.Tensor] = field(default_factory=dict)  # frame index -> (C, S, S)
-    found: int = 0  # sampled frames with a detected face
-
-
-@dataclass
-class VideoBatch:
-    """The usable requests of a batch, their clips as one tensor, and the failed requests."""
-
-    n_requests: int
-    requests: list[VideoRequest] = field(default_factory=list)
-    failures: common.Failures = field(default_factory=common.Failures)
-    clips: torch.Tensor | None = None
 
 
 class EmotionVideoHandler(BaseHandler):
@@ -81,6 +62,11 @@ class EmotionVideoHandler(BaseHandler):
         self.labels = list(self.spec["labels"])
         self.clip_len = int(self.spec["clip_len"])
         self.time_dim = self._time_dim(self.spec)
+        self.optimized = False
+        if self.device.type == "cpu" and bool(opts.get("optimize", True)):
+            example = torch.randn(2, *self._clip_shape(), generator=torch.Generator().manual_seed(0))
+            self.model = common.optimize_for_cpu(lambda: common.load_scripted_model(context, self.device)[0], example)
+            self.optimized = "mkldnn" in str(getattr(self.model, "graph", "")).lower()
         self.detector = None
         if self.detection != "never":
             # one face per frame is used: the detector keeps only the largest
@@ -88,8 +74,9 @@ class EmotionVideoHandler(BaseHandler):
                                                min_face_size=int(opts.get("min_face_size", 20)))
         self._warm_up()
         self.initialized = True
-        logger.info("loaded %s (%s) on %s, %d threads; faces %s; limits %s", self.manifest["model"]["serializedFile"],
-                    self.spec.get("arch"), self.device, torch.get_num_threads(), self.detection, self.limits)
+        logger.info("loaded %s (%s) on %s, %d threads, optimized %s; faces %s; %s",
+                    self.manifest["model"]["serializedFile"], self.spec.get("arch"), self.device,
+                    torch.get_num_threads(), self.optimized, self.detection, self.limits)
 
     @staticmethod
     def _time_dim(spec: dict[str, Any]) -> int:

@@ -211,6 +211,9 @@ sys.path.insert(0, {str(model_dir)!r})
 sys.path = [p for p in sys.path if p not in ("", {str(Path.cwd())!r}, {str(Path(__file__).resolve().parents[1])!r})]
 import image_handler
 assert image_handler.common.__name__ == "common", image_handler.common.__name__
+assert image_handler.faces.__name__ == "faces", image_handler.faces.__name__
+from ts.utils.util import list_classes_from_module  # TorchServe's own rule: one class
+assert list_classes_from_module(image_handler) == [image_handler.EmotionImageHandler]
 assert "handlers" not in sys.modules
 print("ok")
 """
@@ -412,6 +415,7 @@ def test_evaluator_crop_equals_handler_crop(handler, name, mode):
     batch = handler.preprocess([{"body": body, "detection": mode}])
     crop = build_face_crop(handler.spec, "cpu", mode)(decode_image(body))
     evaluated = prepare_batch(to_uint8(crop, handler.spec)[None], handler.spec)[0]  # dataset + engine
-    assert torch.equal(evaluated, batch.crops.tensors[0])  # the largest face (first entry)
+    crops = batch[0]
+    assert torch.equal(evaluated, crops.tensors[0])  # the largest face (first entry)
     if name == "group.jpg":
-        assert not torch.equal(evaluated, batch.crops.tensors[1])
+        assert not torch.equal(evaluated, crops.tensors[1])

@@ -101,6 +101,24 @@ class TorchServe:
         return {**os.environ, "TMPDIR": "/tmp", "LOG_LOCATION": str(self.workdir / "logs"),
                 "METRICS_LOCATION": str(self.workdir / "logs")}
 
+    def resolved_config(self) -> Path:
+        """The config to start with: ``self.config``, or a copy in ``workdir`` whose relative
+        ``metrics_config`` path is made absolute (relative to the config file), because the
+        server and its workers do not run from the config's folder."""
+        text = self.config.read_text()
+        lines, changed = [], False
+        for line in text.splitlines():
+            key, _, value = line.partition("=")
+            if key.strip() == "metrics_config" and value.strip() and not Path(value.strip()).is_absolute():
+                line = f"metrics_config={(self.config.parent / value.strip()).resolve()}"
+                changed = True
+            lines.append(line)
+        if not changed:
+            return self.config
+        path = self.workdir / "config.properties"
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
     def start(self, timeout: float = 180.0) -> None:
         """Start the server and wait until every model has a READY worker."""
         other = live_server_pid()
@@ -110,7 +128,7 @@ class TorchServe:
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "key_file.json").unlink(missing_ok=True)
         cmd = self._cmd("--start", "--ncs", "--model-store", str(self.model_store),
-                        "--ts-config", str(self.config), "--models", *self.models)
+                        "--ts-config", str(self.resolved_config()), "--models", *self.models)
         self.launched = True
         # The Java frontend inherits stdout/stderr: send them to a file, not a pipe we'd wait on.
         with open(self.workdir / "torchserve.out", "ab") as out:

@@ -39,6 +39,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("-b", "--batch-size", type=int, default=128)
     p.add_argument("-j", "--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--confusion-png", help="also save the confusion matrix as a PNG figure here")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
 
@@ -87,6 +88,10 @@ def main(args: argparse.Namespace) -> dict:
     out = {k: res[k] for k in ("acc", "acc_top3", "n", "per_class", "confusion")}
     out.update(weights=str(weights), data=str(args.data), detect_faces=args.detect_faces,
                detection=args.detection if args.detect_faces else "never")
+    if args.confusion_png:
+        from .engine import confusion_figure
+        confusion_figure(out["confusion"], f"{spec['arch']} on {args.data} (acc {out['acc']:.3f})").savefig(
+            args.confusion_png, dpi=100)
     print(json.dumps(out))
     return out
 
