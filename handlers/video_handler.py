@@ -24,10 +24,12 @@ from ts.torch_handler.base_handler import BaseHandler
 
 try:  # inside the repository (package import)
     from . import common, faces, preprocess, video_decode
+    from . import metrics as handler_metrics
     from .video_batch import VideoBatch, VideoRequest
 except ImportError:  # inside a .mar the shared modules sit flat beside the handler
     import common  # type: ignore[no-redef]
     import faces  # type: ignore[no-redef]
+    import metrics as handler_metrics  # type: ignore[no-redef]
     import preprocess  # type: ignore[no-redef]
     import video_decode  # type: ignore[no-redef]
     from video_batch import VideoBatch, VideoRequest  # type: ignore[no-redef]
@@ -70,9 +72,12 @@ class EmotionVideoHandler(BaseHandler):
         self.detector = None
         if self.detection != "never":
             # one face per frame is used: the detector keeps only the largest
+            # and frames are downscaled to detect_max_side (MTCNN's cost grows with the pixels)
             self.detector = faces.FaceDetector(device=self.device, max_faces=1,
-                                               min_face_size=int(opts.get("min_face_size", 20)))
+                                               min_face_size=int(opts.get("min_face_size", 20)),
+                                               max_side=int(opts.get("detect_max_side", faces.MAX_DETECT_SIDE)))
         self._warm_up()
+        self.batch_metrics = handler_metrics.BatchMetrics(None)  # replaced per batch
         self.initialized = True
         logger.info("loaded %s (%s) on %s, %d threads, optimized %s; faces %s; %s",
                     self.manifest["model"]["serializedFile"], self.spec.get("arch"), self.device,
@@ -101,12 +106,17 @@ class EmotionVideoHandler(BaseHandler):
     def preprocess(self, data: list[Any]) -> VideoBatch:
         """Probe and decode each request, find the faces of all sampled frames, stack the clips."""
         batch = VideoBatch(len(data))
+        # this batch's figures (handlers/metrics.py); a worker runs one batch at a time
+        self.batch_metrics = m = handler_metrics.BatchMetrics(self.context)
+        m.batch_size = len(data)
         for idx, row in enumerate(data):
             try:
-                batch.requests.append(self.decode_request(idx, common.extract_body(row, BODY_NAMES)))
+                with m.timed("decode"):  # probe and decode the sampled frames
+                    batch.requests.append(self.decode_request(idx, common.extract_body(row, BODY_NAMES)))
             except Exception as e:  # one bad request must not fail the batch
                 batch.failures.add_exception(idx, e, default_status=400)
-        self.crop_faces(batch)
+        with m.timed("detect"):  # detection, alignment and model inputs
+            self.crop_faces(batch)
         clips = [self.clip_tensor(req, clip) for req in batch.requests for clip in req.clips]
         if clips:
             batch.clips = torch.stack(clips)
@@ -194,7 +204,7 @@ class EmotionVideoHandler(BaseHandler):
         """One forward pass over every clip of the batch; probabilities on the CPU."""
         if batch.clips is None:
             return batch, torch.empty(0, len(self.labels))
-        with torch.inference_mode():
+        with self.batch_metrics.timed("inference"), torch.inference_mode():
             logits = self.model(batch.clips.to(self.device))
             probs = torch.softmax(logits.float(), dim=1).cpu()
         return batch, probs
@@ -220,4 +230,8 @@ class EmotionVideoHandler(BaseHandler):
                                        key: common.topk(row, self.labels, self.topk)}
                                       for w, row in zip(req.windows, mine[1:])]
             results[req.idx] = answer
+        failed = len(batch.failures)
+        self.batch_metrics.count(requests=batch.n_requests - failed, failed=failed,
+                                 faces=sum(req.found for req in batch.requests))
+        self.batch_metrics.emit()
         return batch.failures.apply(self.context, results)

@@ -75,8 +75,8 @@ def server(tmp_path_factory):
     store = tmp / "model_store"
     models = ["emotion_image=emotion_image.mar"]
     assert export_main(["--task", "image", "--checkpoint", str(_weights(IMAGE_WEIGHTS, "emo_resnet_s", tmp)),
-                        "--out", str(store), "--batch-size", "8",
-                        "--max-batch-delay", str(BATCH_DELAY_MS)]) == 0
+                        "--out", str(store), "--batch-size", "8", "--workers", "1",
+                        "--max-batch-delay", str(BATCH_DELAY_MS)]) == 0  # one worker: PIDs, shared batches
     if VIDEO_HANDLER.is_file():
         assert export_main(["--task", "video", "--checkpoint",
                             str(_weights(VIDEO_WEIGHTS, "emo_video_hybrid", tmp)), "--out", str(store),

@@ -40,7 +40,8 @@ def server(tmp_path_factory):
         save_weights(create_model("emo_resnet_s"), ckpt)
     store = tmp / "model_store"
     assert export_main(["--task", "image", "--checkpoint", str(ckpt), "--out", str(store),
-                        "--max-batch-delay", str(BATCH_DELAY_MS), "--batch-size", "8"]) == 0
+                        "--max-batch-delay", str(BATCH_DELAY_MS), "--batch-size", "8",
+                        "--workers", "1"]) == 0  # one worker: concurrent requests share its batch
     with running_server(store, ["emotion_image=emotion_image.mar"], tmp / "server") as ts:
         yield ts
 
@@ -164,19 +165,23 @@ def test_group_photo_gets_one_entry_per_face(server):
     assert two.status_code == 200 and two.json()["faces"] == faces[:2]
 
 
-def test_no_face_frame_and_query_options(server):
+def test_no_face_frame_and_form_options(server):
     data = (SCENES / "no_face.jpg").read_bytes()
     auto = post(server, data=data)
     assert auto.status_code == 200
     assert auto.json()["faces"][0]["box"] == [0, 0, 480, 270] and not auto.json()["faces"][0]["detected"]
     assert auto.json()["detection"]["whole_image"] is True
-    always = post(server, data=data, params={"detection": "always"})
+
+    def form(body: bytes, **fields) -> requests.Response:  # multipart: image + option fields
+        return post(server, files={"data": ("photo.jpg", body, "image/jpeg")}, data=fields)
+
+    always = form(data, detection="always")
     assert always.status_code == 200
     assert always.json() == {"faces": [], "detection": {"mode": "always", "faces_detected": 0,
                                                         "whole_image": False}}
-    bad = post(server, data=data, params={"detection": "sometimes"})
+    bad = form(data, detection="sometimes")
     assert bad.status_code == 400 and "detection" in bad.json()["message"]
-    tight = post(server, data=(SCENES / "photo_tight.jpg").read_bytes(), params={"detection": "always"})
+    tight = form((SCENES / "photo_tight.jpg").read_bytes(), detection="always")
     assert tight.status_code == 200 and tight.json()["faces"][0]["detected"] is True
 
 

@@ -336,7 +336,7 @@ def test_per_request_options(handler, model_dir):
     group = photo_bytes("group.jpg")
     b64 = base64.b64encode(group).decode()
     rows = [{"body": group},
-            {"body": group, "max_faces": b"2"},                                   # query / form field
+            {"body": group, "max_faces": b"2"},                                   # form field / gRPC input
             {"body": {"image": b64, "detection": "never"}},                        # JSON fields
             {"body": json.dumps({"data": b64, "max_faces": 1}).encode()},         # JSON, no content type
             {"data": group, "detection": "ALWAYS", "max_faces": "3"}]             # gRPC / multipart

@@ -51,7 +51,9 @@ def server(tmp_path_factory):
         ckpt = tmp / "random.pth"
         save_weights(create_model("emo_resnet_s"), ckpt)
     store = tmp / "model_store"
-    assert export_main(["--task", "image", "--checkpoint", str(ckpt), "--out", str(store)]) == 0
+    # one worker: the fault tests follow that worker's PID (the archive default is two)
+    assert export_main(["--task", "image", "--checkpoint", str(ckpt), "--out", str(store),
+                        "--workers", "1"]) == 0
     with running_server(store, ["emotion_image=emotion_image.mar"], tmp / "server") as ts:
         yield ts
 

@@ -31,13 +31,19 @@ def test_batch_emits_declared_counters_and_batch_size(context, caplog):
     m.count(requests=2, failed=1, faces=4)
     with caplog.at_level(logging.INFO):
         m.emit()
-    lines = metric_lines(caplog)
-    by_name = {line.split("]", 1)[1].split(".", 1)[0]: line for line in lines}
-    assert "emotion_requests_total.count:2.0|#ModelName:emotion_image,Level:Model|#type:COUNTER" in by_name["emotion_requests_total"]
-    assert "emotion_failed_requests_total.count:1.0|" in by_name["emotion_failed_requests_total"]
-    assert "emotion_faces_total.count:4.0|" in by_name["emotion_faces_total"]
-    assert float(by_name["emotion_decode_ms_total"].split(":", 1)[1].split("|")[0]) > 0
-    assert "emotion_batch_size.count:3|#ModelName:emotion_image,Level:Model|#type:HISTOGRAM" in by_name["emotion_batch_size"]
+    # "[METRICS]<name>.<unit>:<value>|#<dims>|#type:<TYPE>|#hostname:..."
+    parsed = {}
+    for line in metric_lines(caplog):
+        head, dims, kind = line[len("[METRICS]"):].split("|")[:3]
+        name_unit, value = head.rsplit(":", 1)
+        parsed[name_unit.split(".", 1)[0]] = (float(value), dims, kind)
+    dims = "#ModelName:emotion_image,Level:Model"
+    assert parsed["emotion_requests_total"] == (2.0, dims, "#type:COUNTER")
+    assert parsed["emotion_failed_requests_total"] == (1.0, dims, "#type:COUNTER")
+    assert parsed["emotion_faces_total"] == (4.0, dims, "#type:COUNTER")
+    assert parsed["emotion_decode_ms_total"][0] > 0
+    assert parsed["emotion_batch_size"] == (3.0, dims, "#type:HISTOGRAM")
+    by_name = parsed
     # nothing timed, nothing sent: zero counters are not emitted
     assert "emotion_detect_ms_total" not in by_name and "emotion_inference_ms_total" not in by_name
     assert not any("Failed to update" in r.getMessage() or "not declared" in r.getMessage()

@@ -109,6 +109,74 @@ def test_corrupt_checkpoint_is_refused_cleanly(tmp_path):
         load_checkpoint(tmp_path / "cut.pth")
 
 
+# ---------------------------------------------------------------- make serve
+# These run BEFORE the module's server fixture starts (file order): they take the machine lock
+# themselves and need no TorchServe running.
+
+
+def serve_tree(tmp: Path) -> Path:
+    """A working folder for ``make serve``: the repository's Makefile and config, its venv and
+    handler code linked in, so the server's logs and key file stay out of the repository."""
+    work = tmp / "work"
+    work.mkdir()
+    for name in ("Makefile", "config.properties", "metrics.yaml", "pyproject.toml", ".venv", "handlers",
+                 "export", "pretrain"):
+        if (REPO / name).exists():
+            (work / name).symlink_to(REPO / name)
+    return work
+
+
+def make_serve(work: Path, store: Path, mar: Path) -> subprocess.CompletedProcess:
+    """``make serve`` on one archive, without rebuilding it (``-o``) or reinstalling."""
+    cmd = ["make", "--no-print-directory", "serve", f"MODEL_STORE={store}", f"ARCHIVES={mar}",
+           "SERVE_TIMEOUT=25", "-o", str(mar), "-o", ".venv/.installed"]
+    return subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL)
+
+
+def ts_processes() -> list[psutil.Process]:
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "org.pytorch.serve.ModelServer" in cmd or "ts/model_service_worker.py" in cmd:
+            out.append(p)
+    return out
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("make") is None or shutil.which("curl") is None, reason="needs make and curl")
+@pytest.mark.parametrize("damage", ["garbage_archive", "corrupt_weights"])
+def test_make_serve_failure_leaves_no_server(tmp_path, damage):
+    store = tmp_path / "store"
+    store.mkdir()
+    mar = store / "emotion_image.mar"
+    if damage == "garbage_archive":
+        mar.write_bytes(b"this is not a zip archive\n" * 100)
+    else:  # a well-formed archive whose TorchScript file is corrupt
+        save_weights(create_model("emo_resnet_s"), tmp_path / "w.pth")
+        assert export_main(["--task", "image", "--checkpoint", str(tmp_path / "w.pth"), "--out", str(store)]) == 0
+        good = zipfile.ZipFile(mar)
+        items = {i.filename: good.read(i) for i in good.infolist()}
+        good.close()
+        items["model.pt"] = items["model.pt"][: len(items["model.pt"]) // 2]
+        with zipfile.ZipFile(mar, "w") as z:
+            for name, data in items.items():
+                z.writestr(name, data)
+    work = serve_tree(tmp_path)
+    with machine_lock():
+        assert live_server_pid() is None and not ts_processes(), "a TorchServe is already running"
+        res = make_serve(work, store, mar)
+        leftover = ts_processes()
+        for p in leftover:  # clean up before asserting, so a failure here leaves nothing behind
+            p.kill()
+        psutil.wait_procs(leftover, timeout=10)
+    print(f"\nmake serve with {damage}: exit {res.returncode}; stderr tail: {res.stderr.strip().splitlines()[-1:]}")
+    assert res.returncode != 0, res.stdout[-2000:]
+    assert "not READY" in res.stderr or "ERROR" in res.stderr, res.stderr[-2000:]
+    assert not leftover, [p.pid for p in leftover]
+    assert live_server_pid() is None
+
+
 # ---------------------------------------------------------------- a running server
 
 
@@ -167,68 +235,3 @@ def test_model_registration_api_is_off(server):
         assert 400 <= r.status_code < 500, (params, r.status_code, r.text)
     r = requests.delete(f"{server.management_url}/models/emotion_image", headers=server.auth("management"), timeout=30)
     assert 400 <= r.status_code < 500
-
-
-# ---------------------------------------------------------------- make serve
-
-
-def serve_tree(tmp: Path) -> Path:
-    """A working folder for ``make serve``: the repository's Makefile and config, its venv and
-    handler code linked in, so the server's logs and key file stay out of the repository."""
-    work = tmp / "work"
-    work.mkdir()
-    for name in ("Makefile", "config.properties", "pyproject.toml", ".venv", "handlers", "export", "pretrain"):
-        if (REPO / name).exists():
-            (work / name).symlink_to(REPO / name)
-    return work
-
-
-def make_serve(work: Path, store: Path, mar: Path) -> subprocess.CompletedProcess:
-    """``make serve`` on one archive, without rebuilding it (``-o``) or reinstalling."""
-    cmd = ["make", "--no-print-directory", "serve", f"MODEL_STORE={store}", f"ARCHIVES={mar}",
-           "SERVE_TIMEOUT=25", "-o", str(mar), "-o", ".venv/.installed"]
-    return subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL)
-
-
-def ts_processes() -> list[psutil.Process]:
-    out = []
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if "org.pytorch.serve.ModelServer" in cmd or "ts/model_service_worker.py" in cmd:
-            out.append(p)
-    return out
-
-
-@pytest.mark.e2e
-@pytest.mark.slow
-@pytest.mark.skipif(shutil.which("make") is None or shutil.which("curl") is None, reason="needs make and curl")
-@pytest.mark.parametrize("damage", ["garbage_archive", "corrupt_weights"])
-def test_make_serve_failure_leaves_no_server(tmp_path, damage):
-    store = tmp_path / "store"
-    store.mkdir()
-    mar = store / "emotion_image.mar"
-    if damage == "garbage_archive":
-        mar.write_bytes(b"this is not a zip archive\n" * 100)
-    else:  # a well-formed archive whose TorchScript file is corrupt
-        save_weights(create_model("emo_resnet_s"), tmp_path / "w.pth")
-        assert export_main(["--task", "image", "--checkpoint", str(tmp_path / "w.pth"), "--out", str(store)]) == 0
-        good = zipfile.ZipFile(mar)
-        items = {i.filename: good.read(i) for i in good.infolist()}
-        good.close()
-        items["model.pt"] = items["model.pt"][: len(items["model.pt"]) // 2]
-        with zipfile.ZipFile(mar, "w") as z:
-            for name, data in items.items():
-                z.writestr(name, data)
-    work = serve_tree(tmp_path)
-    with machine_lock():
-        assert live_server_pid() is None and not ts_processes(), "a TorchServe is already running"
-        res = make_serve(work, store, mar)
-        leftover = ts_processes()
-        for p in leftover:  # clean up before asserting, so a failure here leaves nothing behind
-            p.kill()
-        psutil.wait_procs(leftover, timeout=10)
-    print(f"\nmake serve with {damage}: exit {res.returncode}; stderr tail: {res.stderr.strip().splitlines()[-1:]}")
-    assert res.returncode != 0, res.stdout[-2000:]
-    assert "not READY" in res.stderr or "ERROR" in res.stderr, res.stderr[-2000:]
-    assert not leftover, [p.pid for p in leftover]
-    assert live_server_pid() is None
