@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
 # Decompression-bomb guard, set deliberately: 40 megapixels is a 7300x5500 photo, more than
 # any phone camera sends; larger images are refused with HTTP 413 rather than decoded.
@@ -75,11 +75,15 @@ def to_model_input(img: Image.Image, spec: Mapping[str, Any]) -> torch.Tensor:
 
 
 def to_uint8(img: Image.Image, spec: Mapping[str, Any]) -> torch.Tensor:
-    """Resize to the spec's square size and channels; ``(C, S, S)`` uint8 tensor."""
+    """Resize to the spec's square size and channels (and low-pass by ``extra.input_blur``, a
+    Gaussian sigma in model pixels, when the spec asks); ``(C, S, S)`` uint8 tensor."""
     size = int(spec["input_size"])
     img = img.convert("L" if int(spec["channels"]) == 1 else "RGB")
     if img.size != (size, size):
         img = img.resize((size, size), Image.BILINEAR, reducing_gap=None)
+    blur = float((spec.get("extra") or {}).get("input_blur", 0) or 0)
+    if blur > 0:  # match the sharpness of the training data (see pretrain/MODEL_CARD.md)
+        img = img.filter(ImageFilter.GaussianBlur(blur))
     arr = np.asarray(img, dtype=np.uint8)
     arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
     return torch.from_numpy(arr.copy())

@@ -124,6 +124,9 @@ def main(args: argparse.Namespace) -> dict:
         init = load_checkpoint(args.init)
         if args.task == "video" and init["spec"].get("task") == "image":
             model.load_frame_weights(init)  # the frame CNN starts from image weights
+            blur = init["spec"].get("extra", {}).get("input_blur")
+            if blur:  # and sees its inputs as it was calibrated to
+                model.spec.extra["input_blur"] = blur
             log.info("frame CNN initialised from image weights %s", args.init)
         else:
             log.info("initialised from %s (%s)", args.init, model.load_state_dict(init["state_dict"], strict=False))

@@ -21,6 +21,7 @@ import pickle
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -233,7 +234,7 @@ class EmotionRecognizer:
         if self.task == "image":
             if x.dim() != 4:
                 raise ValueError(f"expected an image batch (N, C, H, W), got shape {tuple(x.shape)}")
-            return _image_uint8(x, int(spec.channels), int(spec.input_size))
+            return _blur(_image_uint8(x, int(spec.channels), int(spec.input_size)), spec)
         if x.dim() != 5:
             raise ValueError(f"expected a clip batch (N, C, T, H, W), got shape {tuple(x.shape)}")
         x = _unscramble_seed_clips(x)
@@ -242,8 +243,8 @@ class EmotionRecognizer:
             from handlers.video_decode import sample_indices
             x = x[:, :, sample_indices(t, int(spec.clip_len))]
             t = x.shape[2]
-        frames = _image_uint8(x.transpose(1, 2).reshape(n * t, c, h, w), int(spec.channels),
-                              int(spec.input_size))
+        frames = _blur(_image_uint8(x.transpose(1, 2).reshape(n * t, c, h, w), int(spec.channels),
+                                    int(spec.input_size)), spec)
         return frames.view(n, t, *frames.shape[1:]).transpose(1, 2).contiguous()
 
     # ------------------------------------------------------------------ internals
@@ -458,6 +459,18 @@ def _model_from_file(path: Path, name: str, task: str, strict_arch: bool) -> nn.
         raise CheckpointError(f"{path}: a state_dict that does not fit {name!r} (pass model=<the network it "
                               f"was trained as>): {str(e).splitlines()[0]}") from e
     return model
+
+
+def _blur(x: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
+    """The spec's input low-pass (``extra.input_blur``), exactly as ``handlers.preprocess.to_uint8``."""
+    sigma = float(spec.extra.get("input_blur", 0) or 0)
+    if sigma <= 0:
+        return x
+    from PIL import Image, ImageFilter
+    out = [torch.from_numpy(np.asarray(Image.fromarray(img.permute(1, 2, 0).squeeze(-1).cpu().numpy())
+                                       .filter(ImageFilter.GaussianBlur(sigma))).copy()) for img in x]
+    return torch.stack([o if o.dim() == 3 else o[None] for o in out]).reshape(x.shape) if x.shape[1] == 1 else \
+        torch.stack([o.permute(2, 0, 1) for o in out])
 
 
 def _image_uint8(x: torch.Tensor, channels: int, size: int) -> torch.Tensor:
