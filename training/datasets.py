@@ -7,11 +7,12 @@ batched on the training device (see ``training.augment``).
 from __future__ import annotations
 
 import logging
+import random
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset, Subset, TensorDataset
 
 from handlers.preprocess import decode_image, to_uint8
 from model_defs import LABELS
@@ -77,25 +78,41 @@ class ImageFolderDataset(_EncodedImages):
         super().__init__(files, labels, spec, face_crop)
 
 
+def read_list_file(root: str | Path, list_file: str | Path, one_based: bool = False) -> tuple[list[Path], list[int]]:
+    """``relative/path label`` lines (labels 0-6, or 1-7 with ``one_based``; ``#`` comments) →
+    paths under ``root`` and label indices."""
+    root, paths, labels = Path(root), [], []
+    for n, line in enumerate(Path(list_file).read_text().splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            rel, lab = line.rsplit(maxsplit=1)
+            idx = int(lab) - (1 if one_based else 0)
+        except ValueError as e:
+            raise ValueError(f"{list_file}:{n}: expected 'relative/path label', got {line!r}") from e
+        if not 0 <= idx < len(LABELS):
+            hint = " (labels 1-7? pass one_based / --one-based)" if idx == len(LABELS) else ""
+            raise ValueError(f"{list_file}:{n}: label {lab} out of range{hint}")
+        paths.append(root / rel)
+        labels.append(idx)
+    return paths, labels
+
+
+def random_subset(ds: Dataset, labels: Sequence[int], n: int, seed: int = 0) -> tuple[Dataset, list[int]]:
+    """``n`` random items of ``ds`` (whose labels are ``labels``) and their class counts."""
+    idx = random.Random(seed).sample(range(len(labels)), min(n, len(labels)))
+    counts = [0] * len(LABELS)
+    for i in idx:
+        counts[labels[i]] += 1
+    return Subset(ds, idx), counts
+
+
 class ListFileDataset(_EncodedImages):
     """The seed's list file: ``relative/path label`` per line (labels 0-6, or 1-7 with ``one_based``)."""
 
     def __init__(self, root: str | Path, list_file: str | Path, spec: Mapping[str, Any],
                  one_based: bool = False, face_crop: FaceCrop | None = None) -> None:
-        root, files, labels = Path(root), [], []
-        for n, line in enumerate(Path(list_file).read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rel, lab = line.rsplit(maxsplit=1)
-                idx = int(lab) - (1 if one_based else 0)
-            except ValueError as e:
-                raise ValueError(f"{list_file}:{n}: expected 'relative/path label', got {line!r}") from e
-            if not 0 <= idx < len(LABELS):
-                hint = " (labels 1-7? pass one_based / --one-based)" if idx == len(LABELS) else ""
-                raise ValueError(f"{list_file}:{n}: label {lab} out of range{hint}")
-            files.append(root / rel)
-            labels.append(idx)
+        files, labels = read_list_file(root, list_file, one_based)
         super().__init__(files, labels, spec, face_crop)
 
 

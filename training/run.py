@@ -13,16 +13,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import random
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from model_defs import create_model, default_spec, list_models, load_checkpoint, unwrap
 
 from .augment import AugmentConfig
-from .datasets import ImageFolderDataset, ListFileDataset, cache_in_memory
+from .datasets import ImageFolderDataset, ListFileDataset, cache_in_memory, random_subset
 from .engine import FitConfig, fit, is_main, setup_distributed
 
 log = logging.getLogger("training.run")
@@ -100,11 +99,7 @@ def build_datasets(args: argparse.Namespace, spec: dict) -> tuple[Dataset, Datas
     tr, va = _image_datasets(args, spec)
     counts = tr.class_counts()
     if args.subset:
-        idx = random.Random(args.seed).sample(range(len(tr)), min(args.subset, len(tr)))
-        counts = [0] * len(counts)
-        for i in idx:
-            counts[tr.labels[i]] += 1
-        tr = Subset(tr, idx)
+        tr, counts = random_subset(tr, tr.labels, args.subset, args.seed)
     if args.cache:
         tr, va = cache_in_memory(tr, args.workers), cache_in_memory(va, args.workers)
     return tr, va, counts

@@ -9,16 +9,15 @@ With ``--detect-faces`` each sampled frame goes through the handler's detection 
 from __future__ import annotations
 
 import argparse
-import random
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
 from handlers.preprocess import to_model_input
 
-from .datasets import ImageFolderDataset, cache_in_memory
+from .datasets import ImageFolderDataset, cache_in_memory, random_subset
 from .video_datasets import ClipDataset, StillClipDataset, video_dataset
 
 
@@ -50,11 +49,7 @@ def video_datasets(args: argparse.Namespace, spec: dict[str, Any]) -> tuple[Data
         counts = stills.class_counts()
         base: Dataset = stills
         if args.subset:
-            idx = random.Random(args.seed).sample(range(len(stills)), min(args.subset, len(stills)))
-            counts = [0] * len(counts)
-            for i in idx:
-                counts[stills.labels[i]] += 1
-            base = Subset(stills, idx)
+            base, counts = random_subset(stills, stills.labels, args.subset, args.seed)
         if args.cache:
             base = cache_in_memory(base, args.workers)
         train: Dataset = StillClipDataset(base, spec)

@@ -33,7 +33,7 @@ from handlers.preprocess import InputError, decode_image, normalize, to_model_in
 from handlers.video_decode import VideoLimits, decode_frames, probe_video, sample_indices
 from model_defs import LABELS
 
-from .datasets import IMAGE_EXTS, label_index
+from .datasets import IMAGE_EXTS, label_index, read_list_file
 
 log = logging.getLogger(__name__)
 
@@ -107,20 +107,7 @@ class ClipDataset(Dataset):
 def afew_list(root: str | Path, list_file: str | Path, spec: Mapping[str, Any], one_based: bool = False,
               **kw: Any) -> ClipDataset:
     """The seed's AFEW layout: ``relative/clip_folder label`` lines (0-6, or 1-7 with ``one_based``)."""
-    root, sources, labels = Path(root), [], []
-    for n, line in enumerate(Path(list_file).read_text().splitlines(), 1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        try:
-            rel, lab = line.rsplit(maxsplit=1)
-            idx = int(lab) - (1 if one_based else 0)
-        except ValueError as e:
-            raise ValueError(f"{list_file}:{n}: expected 'relative/folder label', got {line!r}") from e
-        if not 0 <= idx < len(LABELS):
-            hint = " (labels 1-7? pass one_based / --one-based)" if idx == len(LABELS) else ""
-            raise ValueError(f"{list_file}:{n}: label {lab} out of range{hint}")
-        sources.append(root / rel)
-        labels.append(idx)
+    sources, labels = read_list_file(root, list_file, one_based)
     return ClipDataset(sources, labels, spec, **kw)
 
 
