@@ -13,7 +13,7 @@ from torch import nn
 from export.__main__ import main as export_main
 from export.archive import TASKS, shared_handler_modules
 from export.torchscript import SPEC_FILE, compile_model, export_torchscript, load_scripted, verify_scripted
-from model_defs import LABELS, create_model, load_model, save_weights
+from model_defs import LABELS, create_model, list_models, load_model, save_weights
 
 
 @pytest.fixture(scope="module")
@@ -115,3 +115,14 @@ def test_spec_file_name_matches_handler():
     from handlers import image_handler
 
     assert image_handler.SPEC_FILE == SPEC_FILE
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_registered_network_exports_to_torchscript(name, tmp_path):
+    """Every network in the registry scripts, carries its spec and matches its eager output."""
+
+    torch.manual_seed(0)
+    model = create_model(name).eval()
+    path = export_torchscript(model, model.spec.to_dict(), tmp_path / f"{name}.pt", batch=2)
+    _, spec = load_scripted(path)
+    assert spec["arch"] == name and spec["labels"] == list(LABELS)
