@@ -4,8 +4,6 @@ from __future__ import annotations
 import base64
 import json
 import re
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,7 @@ from PIL import Image
 from export.__main__ import main as export_main
 from model_defs import LABELS, create_model, save_weights
 from tests.grpc_client import predict as grpc_predict
-from tests.tsserver import running_server
+from tests.tsserver import running_server, send_together
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -113,14 +111,7 @@ def test_corrupt_image_in_a_batch_fails_alone(server):
     good = [p.read_bytes() for p in FACES[:5]]
     corrupt = good[0][: len(good[0]) // 3]  # a truncated JPEG
     bodies = good[:2] + [corrupt] + good[2:]
-    start = threading.Barrier(len(bodies))
-
-    def send(body: bytes) -> requests.Response:
-        start.wait()
-        return post(server, data=body)
-
-    with ThreadPoolExecutor(len(bodies)) as pool:
-        responses = list(pool.map(send, bodies))
+    responses = send_together(lambda body: post(server, data=body), bodies)
     assert [r.status_code for r in responses] == [200, 200, 400, 200, 200, 200]
     err = responses[2].json()
     assert err["code"] == 400 and err["type"] == "BadRequest" and "corrupt" in err["message"]
@@ -191,14 +182,7 @@ def test_photos_and_a_corrupt_image_in_one_batch(server):
     single = (SCENES / "single_face.jpg").read_bytes()
     bodies = [(SCENES / "group.jpg").read_bytes(), FACES[0].read_bytes(), single[: len(single) // 3],
               (SCENES / "no_face.jpg").read_bytes(), single]
-    start = threading.Barrier(len(bodies))
-
-    def send(body: bytes) -> requests.Response:
-        start.wait()
-        return post(server, data=body)
-
-    with ThreadPoolExecutor(len(bodies)) as pool:
-        responses = list(pool.map(send, bodies))
+    responses = send_together(lambda body: post(server, data=body), bodies)
     assert [r.status_code for r in responses] == [200, 200, 400, 200, 200], [r.text for r in responses]
     group, crop, corrupt, no_face, one = [r.json() for r in responses]
     assert len(group["faces"]) >= 4 and all(f["detected"] for f in group["faces"])

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import base64
 import re
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,7 @@ from model_defs import LABELS
 from tests import videoutil
 from tests.grpc_client import predict as grpc_predict
 from tests.test_video_handler import _same, video_checkpoint
-from tests.tsserver import running_server
+from tests.tsserver import running_server, send_together
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -106,14 +104,7 @@ def test_grpc_reports_a_bad_video_in_the_body(server):
 def test_corrupt_clip_in_a_batch_fails_alone(server):
     good = MP4.read_bytes()
     bodies = [good, encoded("webm"), good[: len(good) // 3], good]
-    start = threading.Barrier(len(bodies))
-
-    def send(body: bytes) -> requests.Response:
-        start.wait()
-        return post(server, data=body)
-
-    with ThreadPoolExecutor(len(bodies)) as pool:
-        responses = list(pool.map(send, bodies))
+    responses = send_together(lambda body: post(server, data=body), bodies)
     assert [r.status_code for r in responses] == [200, 200, 400, 200], [r.text for r in responses]
     err = responses[2].json()
     assert err["code"] == 400 and err["type"] == "BadRequest" and "corrupt" in err["message"]

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import psutil
 import requests
@@ -240,3 +240,19 @@ def running_server(model_store: Path, models: Sequence[str], workdir: Path,
             yield server
         finally:
             server.stop()
+
+
+def send_together(send: Callable[[bytes], Any], bodies: list[bytes]) -> list:
+    """Call ``send(body)`` for every body from its own thread, all released at once, so that
+    TorchServe puts them in one batch; returns the results in order."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    start = threading.Barrier(len(bodies))
+
+    def go(body: bytes):
+        start.wait()
+        return send(body)
+
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        return list(pool.map(go, bodies))
