@@ -43,7 +43,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("-b", "--batch-size", type=int, default=64)
     p.add_argument("--opt", default="sgd", choices=["sgd", "adamw"])
     p.add_argument("--lr", type=float, default=0.05,
-                   help="peak learning rate (the seed used 3e-5; from scratch that barely moves, see README)")
+                   help="peak learning rate (the seed used 3e-5, a fine-tuning rate; see README)")
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=5e-4)
     p.add_argument("--sched", default="cosine", choices=["cosine", "onecycle", "none"])
