@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pytest
 import requests
-import torch
 from PIL import Image
 
 from export.__main__ import main as export_main
-from model_defs import LABELS, create_model, save_weights
+from model_defs import LABELS
 from tests.grpc_client import predict as grpc_predict
-from tests.tsserver import running_server, send_together
+from tests.tsserver import image_weights, running_server, send_together
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -31,11 +30,7 @@ BATCH_DELAY_MS = 300  # long enough that concurrent test requests share a batch
 def server(tmp_path_factory):
     """TorchServe with emotion_image.mar from the shipped weights (random ones if absent)."""
     tmp = tmp_path_factory.mktemp("e2e")
-    ckpt = SHIPPED
-    if not ckpt.is_file():
-        torch.manual_seed(0)
-        ckpt = tmp / "random.pth"
-        save_weights(create_model("emo_resnet_s"), ckpt)
+    ckpt = image_weights(tmp)
     store = tmp / "model_store"
     assert export_main(["--task", "image", "--checkpoint", str(ckpt), "--out", str(store),
                         "--max-batch-delay", str(BATCH_DELAY_MS), "--batch-size", "8",

@@ -23,12 +23,11 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
-import torch
 
 from export.__main__ import main as export_main
-from model_defs import CheckpointError, create_model, load_checkpoint, save_weights
+from model_defs import CheckpointError, load_checkpoint
 from tests import hostile_corpus as corpus
-from tests.tsserver import running_server
+from tests.tsserver import image_weights, running_server
 
 pytestmark = [pytest.mark.slow]
 
@@ -45,11 +44,7 @@ HOSTILE_EVERY = 10  # one request in ten is a hostile body (errors must not leak
 def server(tmp_path_factory):
     """TorchServe with the image archive as shipped (default batching)."""
     tmp = tmp_path_factory.mktemp("load")
-    ckpt = IMAGE_WEIGHTS
-    if not ckpt.is_file():
-        torch.manual_seed(0)
-        ckpt = tmp / "random.pth"
-        save_weights(create_model("emo_resnet_s"), ckpt)
+    ckpt = image_weights(tmp)
     store = tmp / "model_store"
     # one worker: the fault tests follow that worker's PID (the archive default is two)
     assert export_main(["--task", "image", "--checkpoint", str(ckpt), "--out", str(store),

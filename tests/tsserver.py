@@ -256,3 +256,16 @@ def send_together(send: Callable[[bytes], Any], bodies: list[bytes]) -> list:
 
     with ThreadPoolExecutor(len(bodies)) as pool:
         return list(pool.map(go, bodies))
+
+
+def image_weights(tmp: Path) -> Path:
+    """The shipped image weights, or seeded random ones in ``tmp`` before any are shipped."""
+    shipped = Path(__file__).resolve().parents[1] / "pretrain" / "emotion_image.pth"
+    if shipped.is_file():
+        return shipped
+    import torch
+    from model_defs import create_model, save_weights
+
+    torch.manual_seed(0)
+    save_weights(create_model("emo_resnet_s"), tmp / "random.pth")
+    return tmp / "random.pth"
