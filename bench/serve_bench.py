@@ -31,7 +31,6 @@ our crops/s / the stock handler's best variant, concurrency 32). Results go to b
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import json
 import logging
@@ -45,7 +44,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +59,7 @@ from bench.loadgen import GrpcClient, LoadResult, RestClient, run_load  # noqa: 
 from export.archive import build_archive, index_to_name, model_config_for  # noqa: E402
 from export.torchscript import export_torchscript, load_scripted  # noqa: E402
 from model_defs import create_model, load_model, save_weights  # noqa: E402
-from tests.tsserver import TorchServe, machine_lock  # noqa: E402
+from tests.tsserver import machine_lock, serving  # noqa: E402
 
 log = logging.getLogger("serve_bench")
 
@@ -239,17 +238,6 @@ def weights(path: Path, arch: str, work: Path, allow_random: bool, what: str) ->
     log.warning("%s weights %s absent: using random-init %s (speed does not depend on weights)",
                 what, path, arch)
     return rnd, f"random-init {arch}"
-
-
-@contextlib.contextmanager
-def serving(store: Path, models: list[str], workdir: Path, config: Path, timeout: float) -> Iterator[TorchServe]:
-    """A TorchServe started and always stopped (the caller holds ``machine_lock``)."""
-    server = TorchServe(store, models, workdir, config)
-    try:
-        server.start(timeout)
-        yield server
-    finally:
-        server.stop()
 
 
 def scrape_custom_metrics(metrics_url: str) -> list[str]:

@@ -229,17 +229,24 @@ class TorchServe:
 
 
 @contextlib.contextmanager
+def serving(model_store: Path, models: Sequence[str], workdir: Path, config: Path = CONFIG,
+            timeout: float = 180.0) -> Iterator[TorchServe]:
+    """Start TorchServe, yield it, and always stop it (the caller holds ``machine_lock``)."""
+    server = TorchServe(model_store, models, workdir, config)
+    try:
+        server.start(timeout)
+        yield server
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
 def running_server(model_store: Path, models: Sequence[str], workdir: Path,
                    config: Path = CONFIG, timeout: float = 180.0,
                    lock_timeout: float = 1800.0) -> Iterator[TorchServe]:
     """Hold the machine lock, start TorchServe, yield it, and always stop it."""
-    with machine_lock(lock_timeout):
-        server = TorchServe(model_store, models, workdir, config)
-        try:
-            server.start(timeout)
-            yield server
-        finally:
-            server.stop()
+    with machine_lock(lock_timeout), serving(model_store, models, workdir, config, timeout) as server:
+        yield server
 
 
 def send_together(send: Callable[[bytes], Any], bodies: list[bytes]) -> list:
