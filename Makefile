@@ -46,7 +46,9 @@ pretrain/%.pth:
 # run from here, so the server gets a copy (build/config.properties) with that path made absolute.
 serve: install archives
 	mkdir -p build
-	sed 's|^metrics_config=\([^/].*\)$$|metrics_config=$(CURDIR)/\1|' config.properties > build/config.properties
+	sed -e 's|^metrics_config=\([^/].*\)$$|metrics_config=$(CURDIR)/\1|' \
+		-e 's|-Dlog4j.configurationFile=\([^/ ][^ ]*\)|-Dlog4j.configurationFile=file://$(CURDIR)/\1|' \
+		config.properties > build/config.properties
 	$(PY) -m ts.model_server --start --ncs --model-store $(MODEL_STORE) \
 		--ts-config build/config.properties --models $(MODELS) > torchserve.out 2>&1 < /dev/null
 	deadline=$$((SECONDS + $(SERVE_TIMEOUT))); \

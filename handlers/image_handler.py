@@ -253,7 +253,7 @@ class EmotionImageHandler(BaseHandler):
                 if isinstance(crops, Exception):
                     raise RuntimeError(f"face detection failed: {crops}") from crops
                 crops = crops[:max_faces]
-                tensors = [preprocess.to_model_input(c.image, self.spec) for c in crops]
+                tensors = [preprocess.to_uint8(c.image, self.spec) for c in crops]  # normalized per batch
             except Exception as e:
                 failures.add_exception(idx, e, default_status=500)
                 continue
@@ -263,7 +263,7 @@ class EmotionImageHandler(BaseHandler):
             n_found = sum(c.detected for c in crops)
             notes[idx] = {"mode": mode, "faces_detected": n_found,
                           "whole_image": n_found == 0 and len(crops) == 1}
-        logger.info("batch of %d requests: %d faces, %d failed", len(data), len(crop_batch), len(failures))
+        logger.debug("batch of %d requests: %d faces, %d failed", len(data), len(crop_batch), len(failures))
         return crop_batch, extras, notes
 
     def inference(self, batch: ImageBatch, *args: Any, **kwargs: Any) -> tuple[ImageBatch, torch.Tensor]:
@@ -271,7 +271,7 @@ class EmotionImageHandler(BaseHandler):
         crops = batch[0]
         if len(crops) == 0:
             return batch, torch.empty(0, len(self.labels))
-        x = torch.stack(crops.tensors)
+        x = preprocess.normalize(torch.stack(crops.tensors), self.spec)
         half = torch.autocast("cuda", dtype=torch.float16) if self.half else contextlib.nullcontext()
         with self.batch_metrics.timed("inference"), torch.inference_mode(), half:
             if self.device.type == "cuda":

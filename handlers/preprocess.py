@@ -17,6 +17,7 @@ from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 # any phone camera sends; larger images are refused with HTTP 413 rather than decoded.
 MAX_IMAGE_PIXELS = 40_000_000
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+ORIENTATION_TAG = 0x0112  # EXIF Orientation
 
 
 class InputError(ValueError):
@@ -55,7 +56,8 @@ def decode_image(data: bytes) -> Image.Image:
 def to_rgb(img: Image.Image) -> Image.Image:
     """Apply EXIF orientation and convert any mode (palette, RGBA, 16-bit, CMYK, ...) to RGB."""
     try:
-        img = ImageOps.exif_transpose(img)
+        if img.getexif().get(ORIENTATION_TAG, 1) != 1:  # most images: no copy needed
+            img = ImageOps.exif_transpose(img)
     except Exception:  # a broken EXIF block must not lose the picture
         pass
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):

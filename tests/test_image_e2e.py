@@ -189,3 +189,19 @@ def test_photos_and_a_corrupt_image_in_one_batch(server):
     log = (server.workdir / "logs" / "model_log.log").read_text()
     batches = [tuple(map(int, m)) for m in re.findall(r"batch of (\d+) requests: (\d+) faces, (\d+) failed", log)]
     assert any(n > 2 and failed == 1 and faces > n for n, faces, failed in batches), batches
+
+
+def test_server_logs_without_per_request_chatter(server):
+    """config.properties' log4j2.xml is in force: start-up lines once each, no per-request
+    frontend lines in ts_log.log, no per-batch worker line in model_log.log."""
+    face = next((FIXTURES / "faces" / "happy").glob("*.jpg")).read_bytes()
+    for _ in range(8):
+        assert post(server, data=face).ok
+    logs = server.workdir / "logs"
+    ts_log = (logs / "ts_log.log").read_text()
+    assert "Initialize Inference server with" in ts_log  # start-up lines are kept ...
+    assert ts_log.count("Initialize Inference server with") == 1  # ... once, not twice
+    for chatter in ("Backend response time", "Sending response for jobId", "Waiting time ns",
+                    "result=[METRICS]"):
+        assert chatter not in ts_log, chatter
+    assert "Backend received inference at" not in (logs / "model_log.log").read_text()

@@ -407,7 +407,7 @@ def test_archive_declares_detection_options(model_dir):
                                        ("photo_tight.jpg", "auto"), ("photo_tight.jpg", "always")])
 def test_evaluator_crop_equals_handler_crop(handler, name, mode):
     """``training.evaluate --detect-faces`` sees exactly the tensor the handler classifies."""
-    from handlers.preprocess import decode_image, to_uint8
+    from handlers.preprocess import decode_image, normalize, to_uint8
     from training.engine import prepare_batch
     from training.evaluate import build_face_crop
 
@@ -415,7 +415,7 @@ def test_evaluator_crop_equals_handler_crop(handler, name, mode):
     batch = handler.preprocess([{"body": body, "detection": mode}])
     crop = build_face_crop(handler.spec, "cpu", mode)(decode_image(body))
     evaluated = prepare_batch(to_uint8(crop, handler.spec)[None], handler.spec)[0]  # dataset + engine
-    crops = batch[0]
-    assert torch.equal(evaluated, crops.tensors[0])  # the largest face (first entry)
+    served = normalize(torch.stack(batch[0].tensors), handler.spec)  # as in handler.inference
+    assert torch.equal(evaluated, served[0])  # the largest face (first entry)
     if name == "group.jpg":
-        assert not torch.equal(evaluated, crops.tensors[1])
+        assert not torch.equal(evaluated, served[1])

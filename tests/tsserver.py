@@ -16,6 +16,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -103,7 +104,8 @@ class TorchServe:
 
     def resolved_config(self) -> Path:
         """The config to start with: ``self.config``, or a copy in ``workdir`` whose relative
-        ``metrics_config`` path is made absolute (relative to the config file), because the
+        ``metrics_config`` path and ``vmargs``' log4j configuration file are made absolute
+        (relative to the config file), because the
         server and its workers do not run from the config's folder."""
         text = self.config.read_text()
         lines, changed = [], False
@@ -111,6 +113,10 @@ class TorchServe:
             key, _, value = line.partition("=")
             if key.strip() == "metrics_config" and value.strip() and not Path(value.strip()).is_absolute():
                 line = f"metrics_config={(self.config.parent / value.strip()).resolve()}"
+                changed = True
+            elif key.strip() == "vmargs":
+                line = re.sub(r"(-Dlog4j\.configurationFile=)(?!file:|/)(\S+)",
+                              lambda m: f"{m.group(1)}file://{(self.config.parent / m.group(2)).resolve()}", line)
                 changed = True
             lines.append(line)
         if not changed:
