@@ -24,6 +24,9 @@ The face crops are sent re-encoded as 3-channel JPEGs to both servers: the stock
 read the 1-channel FER2013 JPEGs (its ImageNet ``Normalize`` needs 3 channels; checked and
 reported as ``stock_accepts_grayscale_jpeg``).
 
+Each REST row also reports the CPU time per answered request of the TorchServe frontend, its
+workers and the load client (psutil), which shows where the served path spends the cores.
+
 Prints a markdown table, then, as the very last line, one JSON object with every figure
 (``image_vs_inprocess`` = served crops/s at concurrency 32 / limit; ``image_vs_stock_handler`` =
 our crops/s / the stock handler's best variant, concurrency 32). Results go to bench/results/ as JSON and PNG.
@@ -240,6 +243,28 @@ def weights(path: Path, arch: str, work: Path, allow_random: bool, what: str) ->
     return rnd, f"random-init {arch}"
 
 
+def process_cpu_s(server_pid: int | None) -> dict[str, float]:
+    """CPU seconds used so far by the TorchServe frontend, its workers (all models) and this
+    process (the load client)."""
+    import psutil
+
+    out = {"frontend": 0.0, "workers": 0.0, "client": 0.0}
+    procs: list[tuple[str, Any]] = [("client", psutil.Process())]
+    if server_pid:
+        try:
+            front = psutil.Process(server_pid)
+            procs += [("frontend", front)] + [("workers", p) for p in front.children(recursive=True)]
+        except psutil.Error:
+            pass
+    for key, proc in procs:
+        try:
+            t = proc.cpu_times()
+            out[key] += t.user + t.system
+        except psutil.Error:  # a worker that exited meanwhile
+            pass
+    return out
+
+
 def scrape_custom_metrics(metrics_url: str) -> list[str]:
     """The ``emotion_*`` lines of the Prometheus endpoint (empty unless metrics_mode=prometheus)."""
     import requests
@@ -252,11 +277,14 @@ def scrape_custom_metrics(metrics_url: str) -> list[str]:
 
 
 def table(rows: list[LoadResult]) -> str:
-    lines = ["| scenario | concurrency | requests ok/sent | req/s | p50 ms | p90 ms | p99 ms |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| scenario | concurrency | requests ok/sent | req/s | p50 ms | p90 ms | p99 ms "
+             "| CPU ms/request: frontend / workers / client |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        cpu = r.extra.get("cpu_ms_per_request")
+        split = f"{cpu['frontend']:.2f} / {cpu['workers']:.2f} / {cpu['client']:.2f}" if cpu else ""
         lines.append(f"| {r.name} | {r.concurrency} | {r.ok}/{r.sent} | {r.rps:.1f} | "
-                     f"{r.p50_ms:.1f} | {r.p90_ms:.1f} | {r.p99_ms:.1f} |")
+                     f"{r.p50_ms:.1f} | {r.p90_ms:.1f} | {r.p99_ms:.1f} | {split} |")
     return "\n".join(lines)
 
 
@@ -405,7 +433,11 @@ def main(argv: list[str] | None = None) -> int:
 
                 def rest(name: str, model_name: str, payloads: list[bytes], conc: int, n: int, t: float) -> LoadResult:
                     u = ts.predictions_url(model_name)
+                    before = process_cpu_s(ts.pid)
                     r = run_load(lambda: RestClient(u, auth), payloads, conc, n, t, name=name)
+                    after = process_cpu_s(ts.pid)  # workers of every model: only this one is busy
+                    r.extra["cpu_ms_per_request"] = {k: round(1000 * (after[k] - before[k]) / max(r.ok, 1), 3)
+                                                     for k in after}
                     log.info("%s c=%d: %.1f req/s, p50 %.1f ms, p99 %.1f ms, %d errors %s", name, conc,
                              r.rps, r.p50_ms, r.p99_ms, r.errors, r.first_error)
                     rows.append(r)
