@@ -94,6 +94,13 @@ class DLPCNN(nn.Module):
         self.num_features = feat_dim
         self.drop = nn.Dropout(drop)
         self.fc = nn.Linear(feat_dim, len(spec.labels))
+        # He initialisation: without batch norm, PyTorch's default init shrinks the signal
+        # through the eight ReLU layers and SGD sat at the majority class for a whole epoch.
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.fc.weight, std=0.01)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc_feat(self.features(x))
