@@ -76,10 +76,15 @@ def export_torchscript(model: nn.Module, spec: Mapping[str, Any], path: str | os
     (``torch.jit.freeze``; device-neutral, unlike ``optimize_for_inference``, whose CPU graph
     uses MKLDNN ops: the handlers apply that at load time on the CPU). The saved file is
     loaded back and compared with the eager model on a random batch, so what is written is
-    exactly what was checked.
+    exactly what was checked. A spec with ``extra["tta_flip"]`` gets mirror averaging
+    (``model_defs.FlipAverage``) compiled in, so the server scores inputs as evaluation does.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if (spec.get("extra") or {}).get("tta_flip"):  # as training.evaluate scores it
+        from model_defs import FlipAverage
+
+        model = FlipAverage(model)
     example = example_input(spec, batch)
     scripted = compile_model(model, example)
     if freeze:

@@ -180,3 +180,44 @@ def test_train_cli_smoke_and_resume(tmp_path: Path):
     assert "resumed from" in r.stderr
     assert load_checkpoint(out_dir / "checkpoint.pth")["epoch"] == 2
     assert load_model(out_dir / "best.pth").spec.arch == "emo_resnet_s"
+
+
+def test_flip_averaging_is_what_export_compiles_in(tmp_path: Path):
+    """A spec with extra.tta_flip: the exported TorchScript gives the mirror-averaged
+    probabilities, exactly as training.engine scores the eager model."""
+    from export.torchscript import export_torchscript, load_scripted
+    from training.engine import predict_logits
+
+    torch.manual_seed(0)
+    model = create_model("emo_resnet_s").eval()
+    with torch.no_grad():  # peaky outputs, so that the mirror's answer differs visibly
+        model.fc.weight.mul_(200.0)
+    model.spec.extra["tta_flip"] = True
+    scripted, _ = load_scripted(export_torchscript(model, model.spec.to_dict(), tmp_path / "m.pt"))
+    x = torch.randn(5, 1, 48, 48)
+    with torch.inference_mode():
+        want = (model(x).softmax(-1) + model(x.flip(-1)).softmax(-1)) / 2
+        served = scripted(x).softmax(-1)
+        evaluated = predict_logits(model, x, tta_flip=True).softmax(-1)
+        plain = model(x).softmax(-1)
+    assert torch.allclose(served, want, atol=1e-5) and torch.allclose(evaluated, want, atol=1e-5)
+    assert not torch.allclose(plain, want, atol=1e-3)  # the mirror really changes the answer
+
+
+def test_calibrate_picks_blur_and_flip_on_validation_data(tmp_path: Path):
+    from training.calibrate import get_args_parser, main as calibrate
+
+    torch.manual_seed(0)
+    save_weights(create_model("emo_resnet_s"), tmp_path / "w.pth")
+    faces = Path(__file__).parent / "fixtures" / "faces"
+    out = calibrate(get_args_parser().parse_args(
+        ["--weights", str(tmp_path / "w.pth"), "--data", str(faces), "--out", str(tmp_path / "c.pth"),
+         "--sigmas", "0,2", "--tta-flip", "auto", "-j", "0"]))
+    assert set(out["acc_by_sigma"]) == {"0.0", "0.0 flip", "2.0", "2.0 flip"}
+    best = max(out["acc_by_sigma"].values())
+    assert out["acc"] == best
+    spec = load_model(tmp_path / "c.pth").spec
+    assert spec.extra["input_blur"] == out["input_blur"] in (0.0, 2.0)
+    assert bool(spec.extra.get("tta_flip")) == out["tta_flip"]
+    key = f"{out['input_blur']}{' flip' if out['tta_flip'] else ''}"
+    assert out["acc_by_sigma"][key] == best

@@ -17,7 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from handlers.preprocess import normalize
-from model_defs import LABELS, atomic_save, load_checkpoint, save_weights, unwrap
+from model_defs import LABELS, FlipAverage, atomic_save, load_checkpoint, save_weights, unwrap
 
 from .augment import AugmentConfig, train_batch
 from .losses import locality_preserving_loss, soft_cross_entropy
@@ -67,11 +67,7 @@ def prepare_batch(x: torch.Tensor, spec: dict[str, Any], size: int | None = None
 
 def predict_logits(model: nn.Module, x: torch.Tensor, tta_flip: bool = False) -> torch.Tensor:
     """Logits, optionally averaged (as probabilities, returned as log-probs) over a mirror."""
-    logits = model(x)
-    if not tta_flip:
-        return logits
-    probs = (logits.float().softmax(-1) + model(x.flip(-1)).float().softmax(-1)) / 2
-    return probs.clamp_min(1e-12).log()
+    return FlipAverage(model)(x) if tta_flip else model(x)
 
 
 def metrics_from_confusion(conf: torch.Tensor, top3_hits: int) -> dict[str, Any]:
