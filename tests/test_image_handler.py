@@ -12,20 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from ts.context import Context, RequestProcessor
 
 from export.__main__ import main as export_main
 from handlers import common
 from handlers.image_handler import EmotionImageHandler
 from handlers.preprocess import InputError
 from model_defs import LABELS, create_model, save_weights
+from tests.handler_context import make_context, run_handler as run
 
 FACES = Path(__file__).parent / "fixtures" / "faces"
-
-
-class _Metrics:
-    def add_time(self, *args, **kwargs) -> None:
-        pass
 
 
 @pytest.fixture(scope="module")
@@ -41,28 +36,11 @@ def model_dir(tmp_path_factory) -> Path:
     return out
 
 
-def make_context(model_dir: Path, n: int) -> Context:
-    manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
-    import yaml
-
-    cfg = yaml.safe_load((model_dir / "model-config.yaml").read_text())
-    ctx = Context("emotion_image", str(model_dir), manifest, 8, None, "0.12.0",
-                  metrics=_Metrics(), model_yaml_config=cfg)
-    ctx.request_processor = [RequestProcessor({}) for _ in range(n)]
-    return ctx
-
-
 @pytest.fixture(scope="module")
 def handler(model_dir) -> EmotionImageHandler:
     h = EmotionImageHandler()
     h.initialize(make_context(model_dir, 1))
     return h
-
-
-def run(handler: EmotionImageHandler, model_dir: Path, rows: list) -> tuple[list, list[int]]:
-    ctx = make_context(model_dir, len(rows))
-    out = handler.handle(rows, ctx)
-    return out, [ctx.get_response_status(i)[0] for i in range(len(rows))]
 
 
 def face_bytes(cls: str = "happy", fmt: str = "JPEG", **save) -> bytes:

@@ -13,23 +13,18 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from ts.context import Context, RequestProcessor
 
 from export.__main__ import main as export_main
 from export.torchscript import example_input, load_scripted
 from handlers.video_decode import sample_indices
 from handlers.video_handler import EmotionVideoHandler
 from model_defs import LABELS, create_model, save_weights
+from tests.handler_context import make_context, run_handler as run
 from tests import videoutil
 
 FIXTURES = Path(__file__).parent / "fixtures" / "video"
 MP4 = FIXTURES / "mead_happy_1s_128.mp4"  # 1 s, 25 frames, a face throughout
 MOV = FIXTURES / "face_leaves_hevc_256x144.mov"  # 5.7 s HEVC, the face leaves after ~2 s
-
-
-class _Metrics:
-    def add_time(self, *args, **kwargs) -> None:
-        pass
 
 
 def video_checkpoint(path: Path) -> Path:
@@ -54,27 +49,11 @@ def model_dir(tmp_path_factory) -> Path:
     return out
 
 
-def make_context(model_dir: Path, n: int, handler_options: dict | None = None) -> Context:
-    manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
-    cfg = yaml.safe_load((model_dir / "model-config.yaml").read_text())
-    cfg["handler"] = {**cfg["handler"], **(handler_options or {})}
-    ctx = Context("emotion_video", str(model_dir), manifest, 4, None, "0.12.0",
-                  metrics=_Metrics(), model_yaml_config=cfg)
-    ctx.request_processor = [RequestProcessor({}) for _ in range(n)]
-    return ctx
-
-
 @pytest.fixture(scope="module")
 def handler(model_dir) -> EmotionVideoHandler:
     h = EmotionVideoHandler()
     h.initialize(make_context(model_dir, 1))
     return h
-
-
-def run(handler: EmotionVideoHandler, model_dir: Path, rows: list) -> tuple[list, list[int]]:
-    ctx = make_context(model_dir, len(rows))
-    out = handler.handle(rows, ctx)
-    return out, [ctx.get_response_status(i)[0] for i in range(len(rows))]
 
 
 def check_top3(top: list) -> None:
