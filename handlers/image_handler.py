@@ -263,7 +263,7 @@ class EmotionImageHandler(BaseHandler):
             n_found = sum(c.detected for c in crops)
             notes[idx] = {"mode": mode, "faces_detected": n_found,
                           "whole_image": n_found == 0 and len(crops) == 1}
-        logger.debug("batch of %d requests: %d faces, %d failed", len(data), len(crop_batch), len(failures))
+        logger.info("batch of %d requests: %d faces, %d failed", len(data), len(crop_batch), len(failures))
         return crop_batch, extras, notes
 
     def inference(self, batch: ImageBatch, *args: Any, **kwargs: Any) -> tuple[ImageBatch, torch.Tensor]:
