@@ -191,7 +191,7 @@ def inprocess_limit(scripted_path: Path, spec: dict[str, Any], batches: Sequence
 
     c, s = int(spec["channels"]), int(spec["input_size"])
     load = lambda: load_scripted(scripted_path)[0]  # noqa: E731
-    graphs = {"plain": load(), "optimized": optimize_for_cpu(load, torch.randn(2, c, s, s))}
+    graphs = {"plain": load(), "optimized": optimize_for_cpu(load(), torch.randn(2, c, s, s), load)}
     out: dict[str, Any] = {"per_config": {}}
     best, b1 = (0.0, 0, "", 0), float("inf")
     for threads in thread_counts:
@@ -217,7 +217,8 @@ def video_model_ms(scripted_path: Path, spec: dict[str, Any], n_clips: int, thre
 
     torch.set_num_threads(threads)
     shape = (int(spec["channels"]), int(spec["clip_len"]), int(spec["input_size"]), int(spec["input_size"]))
-    model = optimize_for_cpu(lambda: load_scripted(scripted_path)[0], torch.randn(2, *shape))
+    load = lambda: load_scripted(scripted_path)[0]  # noqa: E731
+    model = optimize_for_cpu(load(), torch.randn(2, *shape), load)
     x = torch.randn(n_clips, *shape)
     with torch.inference_mode():
         model(x)

@@ -218,16 +218,15 @@ def load_scripted_model(context: Any, device: "torch.device", spec_file: str = "
     return model, json.loads(extra[spec_file])
 
 
-def optimize_for_cpu(load: Callable[[], Any], example: "torch.Tensor", atol: float = 1e-4,
+def optimize_for_cpu(model: Any, example: "torch.Tensor", reload: Callable[[], Any], atol: float = 1e-4,
                      rtol: float = 1e-3) -> Any:
-    """``load()`` a TorchScript model and apply ``torch.jit.optimize_for_inference`` (MKLDNN
-    convolutions; CPU only), keeping it only if it gives the plain model's output on
-    ``example``; otherwise (the pass works in place) a freshly loaded plain model."""
+    """``model`` (TorchScript) through ``torch.jit.optimize_for_inference`` (MKLDNN convolutions;
+    CPU only), kept only if it gives the plain model's output on ``example``; otherwise (the
+    pass works in place) ``reload()``, a freshly loaded plain model."""
     import warnings
 
     import torch
 
-    model = load()
     try:
         with torch.inference_mode():
             want = model(example)
@@ -242,4 +241,4 @@ def optimize_for_cpu(load: Callable[[], Any], example: "torch.Tensor", atol: flo
                        (got - want).abs().max().item())
     except Exception as e:  # an optimisation only: never fail loading for it
         logger.warning("optimize_for_inference failed (%s): not used", e)
-    return load()
+    return reload()

@@ -30,8 +30,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
-import warnings
 from typing import Any, Mapping
 
 import torch
@@ -113,9 +111,7 @@ class EmotionImageHandler(BaseHandler):
         """Load the TorchScript model and its spec; choose device and thread count; detector."""
         self.context = context
         self.manifest = context.manifest
-        props = context.system_properties
-        yaml_cfg = getattr(context, "model_yaml_config", None) or {}
-        options = yaml_cfg.get("handler") or {}
+        options = common.handler_options(context)
         self.topk = int(options.get("topk", 3))
         self.detection = parse_detection(options.get("detection", "auto"))
         self.min_face_size = int(options.get("min_face_size", 20))
@@ -123,23 +119,8 @@ class EmotionImageHandler(BaseHandler):
         if self.min_face_size < 1 or self.max_faces < 1:
             raise ValueError(f"handler options: min_face_size {self.min_face_size} and "
                              f"max_faces {self.max_faces} must be positive")
-        gpu_id = props.get("gpu_id")
-        if torch.cuda.is_available() and gpu_id is not None:
-            self.device = torch.device(f"cuda:{gpu_id}")
-        else:
-            self.device = torch.device("cpu")
-            threads = int(options.get("threads", 0)) or max(
-                1, (os.cpu_count() or 1) // max(1, int(yaml_cfg.get("maxWorkers", 1))))
-            torch.set_num_threads(threads)
-        model_dir = props["model_dir"]
-        path = os.path.join(model_dir, self.manifest["model"]["serializedFile"])
-        extra = {SPEC_FILE: ""}
-        with warnings.catch_warnings():  # TorchScript's deprecation notice, not actionable here
-            warnings.simplefilter("ignore", FutureWarning)
-            self.model = torch.jit.load(path, map_location=self.device, _extra_files=extra).eval()
-        if not extra[SPEC_FILE]:
-            raise RuntimeError(f"{path}: no {SPEC_FILE} inside the TorchScript file")
-        self.spec = json.loads(extra[SPEC_FILE])
+        self.device = common.select_device(context, options)
+        self.model, self.spec = common.load_scripted_model(context, self.device, SPEC_FILE)
         self.labels = list(self.spec["labels"])
         self.input_size = int(self.spec["input_size"])
         self.channels = int(self.spec["channels"])
@@ -149,7 +130,7 @@ class EmotionImageHandler(BaseHandler):
         if self.device.type == "cpu" and bool(options.get("optimize", True)):
             # MKLDNN graph: 1.1-1.4x the frozen graph's crops/s on CPU (bench/serve_bench.py)
             self.model = common.optimize_for_cpu(
-                lambda: common.load_scripted_model(context, self.device)[0], example)
+                self.model, example, lambda: common.load_scripted_model(context, self.device, SPEC_FILE)[0])
             self.optimized = "mkldnn" in str(getattr(self.model, "graph", "")).lower()
         self.half = (self.device.type == "cuda" and bool(options.get("half", True))
                      and self._half_matches(example.to(self.device)))
@@ -161,7 +142,7 @@ class EmotionImageHandler(BaseHandler):
         self.batch_metrics = handler_metrics.BatchMetrics(None)  # replaced per batch
         self.initialized = True
         logger.info("loaded %s (%s) on %s, %d threads, optimized %s, float16 %s; detection %s, "
-                    "min face %d px, max %d faces", path, self.spec.get("arch"), self.device,
+                    "min face %d px, max %d faces", self.manifest["model"]["serializedFile"], self.spec.get("arch"), self.device,
                     torch.get_num_threads(), self.optimized, self.half, self.detection,
                     self.min_face_size, self.max_faces)
 

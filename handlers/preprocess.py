@@ -83,12 +83,17 @@ def to_uint8(img: Image.Image, spec: Mapping[str, Any]) -> torch.Tensor:
     img = img.convert("L" if int(spec["channels"]) == 1 else "RGB")
     if img.size != (size, size):
         img = img.resize((size, size), Image.BILINEAR, reducing_gap=None)
-    blur = float((spec.get("extra") or {}).get("input_blur", 0) or 0)
-    if blur > 0:  # match the sharpness of the training data (see pretrain/MODEL_CARD.md)
-        img = img.filter(ImageFilter.GaussianBlur(blur))
-    arr = np.asarray(img, dtype=np.uint8)
+    arr = np.asarray(low_pass(img, spec), dtype=np.uint8)
     arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
     return torch.from_numpy(arr.copy())
+
+
+def low_pass(img: Image.Image, spec: Mapping[str, Any]) -> Image.Image:
+    """The spec's input low-pass: a Gaussian of sigma ``extra.input_blur`` (model pixels), which
+    matches sharp inputs to the blurrier training data (see pretrain/MODEL_CARD.md); the image
+    itself when the spec sets none."""
+    sigma = float((spec.get("extra") or {}).get("input_blur", 0) or 0)
+    return img.filter(ImageFilter.GaussianBlur(sigma)) if sigma > 0 else img
 
 
 def normalize(x: torch.Tensor, spec: Mapping[str, Any]) -> torch.Tensor:

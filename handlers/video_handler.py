@@ -67,7 +67,8 @@ class EmotionVideoHandler(BaseHandler):
         self.optimized = False
         if self.device.type == "cpu" and bool(opts.get("optimize", True)):
             example = torch.randn(2, *self._clip_shape(), generator=torch.Generator().manual_seed(0))
-            self.model = common.optimize_for_cpu(lambda: common.load_scripted_model(context, self.device)[0], example)
+            self.model = common.optimize_for_cpu(
+                self.model, example, lambda: common.load_scripted_model(context, self.device)[0])
             self.optimized = "mkldnn" in str(getattr(self.model, "graph", "")).lower()
         self.detector = None
         if self.detection != "never":

@@ -462,15 +462,19 @@ def _model_from_file(path: Path, name: str, task: str, strict_arch: bool) -> nn.
 
 
 def _blur(x: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
-    """The spec's input low-pass (``extra.input_blur``), exactly as ``handlers.preprocess.to_uint8``."""
-    sigma = float(spec.extra.get("input_blur", 0) or 0)
-    if sigma <= 0:
+    """uint8 ``(N, C, H, W)`` through the spec's input low-pass, ``handlers.preprocess.low_pass``."""
+    if not float(spec.extra.get("input_blur", 0) or 0) > 0:
         return x
-    from PIL import Image, ImageFilter
-    out = [torch.from_numpy(np.asarray(Image.fromarray(img.permute(1, 2, 0).squeeze(-1).cpu().numpy())
-                                       .filter(ImageFilter.GaussianBlur(sigma))).copy()) for img in x]
-    return torch.stack([o if o.dim() == 3 else o[None] for o in out]).reshape(x.shape) if x.shape[1] == 1 else \
-        torch.stack([o.permute(2, 0, 1) for o in out])
+    from PIL import Image
+
+    from handlers.preprocess import low_pass
+
+    spec_dict = spec.to_dict()
+    out = []
+    for img in x.permute(0, 2, 3, 1).cpu().numpy():  # (H, W, C) each
+        pil = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
+        out.append(np.asarray(low_pass(pil, spec_dict)).reshape(img.shape))
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
 
 
 def _image_uint8(x: torch.Tensor, channels: int, size: int) -> torch.Tensor:
