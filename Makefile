@@ -8,7 +8,6 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 MODEL_STORE := model_store
 SERVE_TIMEOUT ?= 180
-MGMT := http://127.0.0.1:8081
 
 .PHONY: install archives serve stop test grpc-stubs bench bench-quick clean
 
@@ -23,6 +22,11 @@ $(STAMP): pyproject.toml
 		googleapis-common-protos pytest captum
 	$(PY) -m pip install -e '.[test]'
 	$(PY) -m pip install --no-deps facenet-pytorch==2.6.0
+	@# headless Chromium and its driver for the demo page's browser test (tests/test_demo_e2e.py)
+	if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+		sudo=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$sudo apt-get update && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver; \
+	fi
 	touch $@
 
 $(MODEL_STORE)/emotion_image.mar: $(STAMP) pretrain/emotion_image.pth $(wildcard handlers/*.py export/*.py)
@@ -37,41 +41,32 @@ MODELS := $(patsubst $(MODEL_STORE)/%,%,$(ARCHIVES))
 
 archives: $(ARCHIVES)
 
+# Rebuild the video model from the image model (rerun whenever pretrain/emotion_image.pth
+# changes): the per-frame video checkpoint takes the image network, its input spec and its
+# calibration from the image checkpoint (training/video_from_image.py), then its archive.
+.PHONY: video-weights
+video-weights: install
+	$(PY) -m training.video_from_image --image pretrain/emotion_image.pth --out pretrain/emotion_video.pth \
+		--archive $(MODEL_STORE)
+
 pretrain/%.pth:
 	@echo "ERROR: $@ is missing: train it (python -m training.run) or restore the shipped weights" >&2; exit 1
 
 # Start TorchServe in the background (token authorization on; keys in ./key_file.json) and
-# wait until every model has a READY worker; on failure print the log and stop the server.
-# config.properties names metrics.yaml relative to the repository: TorchServe's workers do not
-# run from here, so the server gets a copy (build/config.properties) with that path made absolute.
+# wait until every model has a READY worker; on failure print the log and stop the server
+# (serving/: the same start, stop and readiness code as the tests and benchmarks).
 serve: install archives
-	mkdir -p build
-	sed -e 's|^metrics_config=\([^/].*\)$$|metrics_config=$(CURDIR)/\1|' \
-		-e 's|-Dlog4j.configurationFile=\([^/ ][^ ]*\)|-Dlog4j.configurationFile=file://$(CURDIR)/\1|' \
-		config.properties > build/config.properties
-	$(PY) -m ts.model_server --start --ncs --model-store $(MODEL_STORE) \
-		--ts-config build/config.properties --models $(MODELS) > torchserve.out 2>&1 < /dev/null
-	deadline=$$((SECONDS + $(SERVE_TIMEOUT))); \
-	for m in $(basename $(MODELS)); do \
-		until key=$$($(PY) -c 'import json;print(json.load(open("key_file.json"))["management"]["key"])' 2>/dev/null) \
-			&& curl -sf -H "Authorization: Bearer $$key" $(MGMT)/models/$$m | grep -q '"status": "READY"'; do \
-			if (( SECONDS > deadline )); then \
-				echo "ERROR: model $$m not READY within $(SERVE_TIMEOUT)s; stopping TorchServe" >&2; \
-				tail -n 40 logs/ts_log.log logs/model_log.log torchserve.out >&2 || true; \
-				$(MAKE) --no-print-directory stop; exit 1; \
-			fi; sleep 1; \
-		done; echo "$$m READY"; \
-	done
-	@echo "TorchServe is up: inference http://127.0.0.1:8080, gRPC 127.0.0.1:7070; keys in key_file.json"
+	$(PY) -m serving start --model-store $(MODEL_STORE) --timeout $(SERVE_TIMEOUT) $(MODELS)
 
-# Stop the server and wait for its process to exit (the pid file is machine-wide).
+# Stop the server and wait for its processes to exit (the pid file is machine-wide).
 stop:
-	pid=$$(cat /tmp/.model_server.pid 2>/dev/null || true); \
-	$(PY) -m ts.model_server --stop; \
-	if [ -n "$$pid" ]; then \
-		for i in $$(seq 60); do kill -0 "$$pid" 2>/dev/null || exit 0; sleep 1; done; \
-		echo "ERROR: TorchServe (pid $$pid) still running after 60s" >&2; exit 1; \
-	fi
+	$(PY) -m serving stop
+
+# The demo page (demo/) at http://127.0.0.1:8090/, in front of the TorchServe `make serve`
+# started (it relays requests with the key from ./key_file.json); loopback only; Ctrl-C stops it.
+.PHONY: demo
+demo: install
+	$(PY) -m demo.server $(ARGS)
 
 test: install
 	$(PY) -m pytest -q tests
@@ -80,13 +75,13 @@ test: install
 # handler (bench/serve_bench.py; < 10 minutes; results in bench/results/). Starts its own
 # TorchServe (run `make stop` first if one is up). ARGS=--quick for a smoke run.
 bench: install
-	$(PY) bench/serve_bench.py $(ARGS)
+	$(PY) -m bench.serve_bench $(ARGS)
 
 bench-quick: install
-	$(PY) bench/serve_bench.py --quick $(ARGS)
+	$(PY) -m bench.serve_bench --quick $(ARGS)
 
 grpc-stubs: install
-	$(PY) -c 'from tests.grpc_client import generate_stubs; print(generate_stubs())'
+	$(PY) -c 'from serving.grpc_client import generate_stubs; print(generate_stubs())'
 
 clean:
 	rm -rf build logs $(MODEL_STORE)/*.mar torchserve.out

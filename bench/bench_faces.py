@@ -5,7 +5,7 @@ a 350x350 photo with one face, a 1920x1080 street frame with several faces (fram
 shared 1080p clip; without shared data, the fixture scaled up), and 8 frames of 640x360
 detected one call each vs. one batched call (does batching pay?).
 
-    .venv/bin/python bench/bench_faces.py [--weights W] [--threads 2] [--device cpu] [--repeat 5]
+    .venv/bin/python -m bench.bench_faces [--weights W] [--threads 2] [--device cpu] [--repeat 5]
 
 W defaults to pretrain/emotion_image.pth (random weights when absent: same speed).
 """
@@ -13,17 +13,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 from PIL import Image
 
+from handlers import faces as F
+from handlers.preprocess import to_model_input
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from handlers import faces as F  # noqa: E402
-from handlers.preprocess import to_model_input  # noqa: E402
 
 PHOTOS = ROOT / "tests" / "fixtures" / "photos"
 STREET = ROOT.parent / "shared" / "data" / "videos" / "unlabelled" / "facenet_pytorch_video.mp4"

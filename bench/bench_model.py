@@ -1,23 +1,22 @@
 """In-process speed of an exported model (TorchScript, CPU by default): batch-1 latency and
 throughput at several batch sizes. Prints a markdown table and, last, one JSON line.
 
-    python bench/bench_model.py --weights pretrain/emotion_image.pth --threads 2
+    .venv/bin/python -m bench.bench_model --weights pretrain/emotion_image.pth --threads 2
 """
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from export.torchscript import example_input, export_torchscript, load_scripted  # noqa: E402
-from model_defs import load_model  # noqa: E402
+from export.torchscript import example_input, export_torchscript
+from handlers.common import load_scripted
+from model_defs import load_model
 
 
 def time_batches(model, x: torch.Tensor, seconds: float) -> list[float]:

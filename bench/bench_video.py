@@ -1,14 +1,16 @@
 """End-to-end CPU time of the video handler per 4-second clip, by stage, in-process (no server).
 
-Stages: decode (probe + decode the sampled frames), detect (MTCNN + alignment on every sampled
-frame), infer (one forward pass over the overall clip and the timeline windows: the model's own
-share), and the rest (tensor stacking, answer). Clips: a MEAD clip (256x256, one face) and the
+Stages: decode (probe + decode the sampled frames), detect (MTCNN on keyframes, tracking, and
+alignment of every tracked face on every sampled frame), infer (one forward pass over every
+crop, or every clip of a clip model: the model's own share, with pooling and the answer), and
+stack (model inputs). ``--keyframe-every 0,1`` compares the served keyframe interval (0) with
+detection on every sampled frame (1). Clips: a MEAD clip (256x256, one face) and the
 1080p multi-face clip from ``../shared/data/videos/unlabelled``, each cut to 4 s. Uses
 ``pretrain/emotion_video.pth`` if present, else random weights (speed does not depend on them).
 Prints a markdown table and, last, one JSON line. Reports min and median over repeats (the
 machine is shared: the minimum is the stage's own cost).
 
-    python bench/bench_video.py --reps 3
+    .venv/bin/python -m bench.bench_video --reps 3
 """
 from __future__ import annotations
 
@@ -29,11 +31,13 @@ import av
 import torch
 import yaml
 
+from export.__main__ import main as export_main
+from handlers.video_handler import EmotionVideoHandler
+from handlers.video_batch import VideoBatch
+from model_defs import create_model, save_weights
+from training.video_from_image import build
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-from export.__main__ import main as export_main  # noqa: E402
-from handlers.video_handler import EmotionVideoHandler  # noqa: E402
-from model_defs import create_model, save_weights  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "videos"
 SHIPPED = REPO / "pretrain" / "emotion_video.pth"
@@ -69,12 +73,12 @@ class _Ctx:
         self.model_yaml_config = cfg
 
 
-def build_handler(tmp: Path, options: dict) -> EmotionVideoHandler:
-    ckpt = SHIPPED
+def build_handler(tmp: Path, options: dict, weights: Path = SHIPPED) -> EmotionVideoHandler:
+    ckpt = weights
     if not ckpt.is_file():
         torch.manual_seed(0)
-        ckpt = tmp / "random.pth"
-        save_weights(create_model("emo_video_hybrid"), ckpt)
+        save_weights(create_model("emo_resnet_s"), tmp / "image.pth")
+        ckpt = build(tmp / "image.pth", tmp / "random.pth")
     if not (tmp / "model").is_dir():
         assert export_main(["--task", "video", "--checkpoint", str(ckpt), "--out", str(tmp)]) == 0
         with zipfile.ZipFile(tmp / "emotion_video.mar") as z:
@@ -85,22 +89,22 @@ def build_handler(tmp: Path, options: dict) -> EmotionVideoHandler:
 
 
 def run_once(h: EmotionVideoHandler, data: bytes) -> dict[str, float]:
-    from handlers.video_batch import VideoBatch
-
     t0 = time.perf_counter()
     batch = VideoBatch(1)
     batch.requests.append(h.decode_request(0, data))
     t1 = time.perf_counter()
     h.crop_faces(batch)
     t2 = time.perf_counter()
-    batch.clips = torch.stack([h.clip_tensor(r, c) for r in batch.requests for c in r.clips])
+    batch.clips = h.pipeline.inputs(batch.requests)
     t3 = time.perf_counter()
     out = h.postprocess(h.inference(batch))
     t4 = time.perf_counter()
     assert isinstance(out[0], dict) and "top3" in out[0], out
     req = batch.requests[0]
     return {"decode": t1 - t0, "detect": t2 - t1, "stack": t3 - t2, "infer": t4 - t3, "total": t4 - t0,
-            "clips": len(req.clips), "frames": len(req.crops), "found": req.found}
+            "clips": len(req.clips), "frames": len(req.sampled), "found": req.found, "people": len(out[0].get("people", [])),
+            "detected": out[0]["faces"]["detected_frames"], "crops": int(batch.clips.shape[0]),
+            "top1": out[0]["top3"][0]["label"]}
 
 
 def main() -> int:
@@ -109,6 +113,9 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=4.0)
     p.add_argument("--modes", default="auto,never", help="detection modes to time")
     p.add_argument("--detect-max-side", type=int, help="override the archive's detect_max_side")
+    p.add_argument("--weights", type=Path, default=SHIPPED, help="video checkpoint (default: the shipped one)")
+    p.add_argument("--keyframe-every", default="0",
+                   help="comma-separated keyframe intervals to time (0: the archive's; 1: detect on every sampled frame)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     labelled = DATA / "labelled"
@@ -123,26 +130,30 @@ def main() -> int:
              "facenet_pytorch_video.mp4 (1920x1080, several faces)": cut(multi, args.seconds)}
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-video-") as tmp:
-        for mode in args.modes.split(","):
+        for mode, every in [(m, int(k)) for m in args.modes.split(",") for k in args.keyframe_every.split(",")]:
+            if mode == "never" and every:
+                continue
             opts = {"detection": mode}
             if args.detect_max_side:
                 opts["detect_max_side"] = args.detect_max_side
-            h = build_handler(Path(tmp), opts)
+            if every:
+                opts["keyframe_every"] = every
+            h = build_handler(Path(tmp), opts, args.weights)
             for name, data in clips.items():
                 runs = [run_once(h, data) for _ in range(args.reps + 1)][1:]  # the first warms up
-                row = {"clip": name, "detection": mode, "threads": torch.get_num_threads(),
-                       "optimized": h.optimized, "clips": runs[0]["clips"], "frames": runs[0]["frames"],
-                       "faces_found": runs[0]["found"]}
+                row = {"clip": name, "detection": mode, "keyframe_every": h.pipeline.keyframe_every,
+                       "threads": torch.get_num_threads(), "optimized": h.optimized,
+                       **{k: runs[0][k] for k in ("clips", "frames", "found", "people", "detected", "crops", "top1")}}
                 for k in ("decode", "detect", "stack", "infer", "total"):
                     vals = [r[k] * 1000 for r in runs]
                     row[f"{k}_ms_min"] = round(min(vals), 1)
                     row[f"{k}_ms_median"] = round(statistics.median(vals), 1)
                 row["model_share"] = round(row["infer_ms_min"] / row["total_ms_min"], 3)
                 results.append(row)
-    print(f"| clip ({args.seconds:g} s) | detection | clips | frames | decode | detect | infer (model) | total | model share |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"| clip ({args.seconds:g} s) | detection | keyframe every | frames (detected) | people | crops | decode | detect+track+align | infer (model) | total | model share |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['clip']} | {r['detection']} | {r['clips']} | {r['frames']} | "
+        print(f"| {r['clip']} | {r['detection']} | {r['keyframe_every']} | {r['frames']} ({r['detected']}) | {r['people']} | {r['crops']} | "
               + " | ".join(f"{r[k + '_ms_min']:.0f} ({r[k + '_ms_median']:.0f})" for k in ("decode", "detect", "infer", "total"))
               + f" | {r['model_share']:.0%} |")
     print("times in ms: min (median) over", args.reps, "runs")

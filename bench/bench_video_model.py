@@ -3,22 +3,19 @@ attention, C3D), for bidirectional and one-way GRUs. Prints a markdown table and
 line. Reports the minimum and the median over repeats: on a shared machine the minimum is the
 figure that shows the model's own cost.
 
-    python bench/bench_video_model.py --threads 2
+    .venv/bin/python -m bench.bench_video_model --threads 2
 """
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
-import sys
 import time
 import warnings
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from model_defs import create_model, default_spec  # noqa: E402
+from model_defs import create_model, default_spec
 
 
 def timed(fn, x: torch.Tensor, reps: int) -> tuple[float, float]:

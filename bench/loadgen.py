@@ -17,6 +17,8 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from serving.grpc_client import load_stubs
+
 Send = Callable[[bytes], bool]
 
 
@@ -144,12 +146,10 @@ class RestClient:
 
 
 class GrpcClient:
-    """TorchServe ``Predictions`` calls over one gRPC channel (stubs from tests/grpc_client.py)."""
+    """TorchServe ``Predictions`` calls over one gRPC channel (stubs from serving/grpc_client.py)."""
 
     def __init__(self, target: str, model: str, token: str, timeout: float = 300.0) -> None:
-        import grpc
-
-        from tests.grpc_client import load_stubs
+        import grpc  # here, not at the top: only the gRPC rows need it (heavy)
 
         stubs = load_stubs()
         self.pb2 = stubs["inference_pb2"]

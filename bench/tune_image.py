@@ -2,7 +2,7 @@
 model archived under its own name with its own batch size, delay, workers, threads per worker
 and handler options; each gets the same crop load (REST) in turn, round-robin, ``--rounds`` times.
 
-    .venv/bin/python bench/tune_image.py --variants b8d20w1t0,b16d5w2t1,b32d5w1t2 --concurrency 8,32
+    .venv/bin/python -m bench.tune_image --variants b8d20w1t0,b16d5w2t1,b32d5w1t2 --concurrency 8,32
 
 Variant syntax: ``b<batchSize>d<maxBatchDelay ms>w<workers>t<threads per worker, 0 = cores/workers>``
 and optional flags ``+opt`` / ``-opt`` (handler option ``optimize``). Prints a markdown table
@@ -22,14 +22,14 @@ from typing import Any
 
 import torch
 
+from bench.loadgen import RestClient, run_load
+from bench.serve_bench import crop_payloads
+from export.archive import build_archive, model_config_for
+from export.torchscript import export_torchscript
+from model_defs import create_model, load_model, save_weights
+from serving import running_server
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from bench.loadgen import RestClient, run_load  # noqa: E402
-from bench.serve_bench import crop_payloads  # noqa: E402
-from export.archive import build_archive, model_config_for  # noqa: E402
-from export.torchscript import export_torchscript  # noqa: E402
-from model_defs import create_model, load_model, save_weights  # noqa: E402
-from tests.tsserver import running_server  # noqa: E402
 
 log = logging.getLogger("tune_image")
 VARIANT = re.compile(r"b(\d+)d(\d+)w(\d+)t(\d+)((?:[+-]\w+)*)")

@@ -1,20 +1,18 @@
 """Video model vs the per-frame baseline (the image model on the same 16 frames, probabilities
 averaged) on labelled clips. Prints a markdown table and, last, one JSON line.
 
-    python bench/video_baseline.py --data ../shared/data/videos/labelled --detect-faces
+    .venv/bin/python -m bench.video_baseline --data ../shared/data/videos/labelled --detect-faces
 """
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from model_defs import LABELS, load_model  # noqa: E402
-from training.video_data import video_eval_dataset  # noqa: E402
+from model_defs import LABELS, load_model
+from training.video_data import video_eval_dataset
 
 
 @torch.inference_mode()

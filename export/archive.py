@@ -1,7 +1,8 @@
 """Package a verified TorchScript file and the handler code into a TorchServe ``.mar``.
 
-Which handler, archive name and serving settings go with each task is declared in
-:data:`TASKS`. Every shared module in ``handlers/`` (all ``*.py`` but ``__init__.py`` and
+Which handler, archive name and TorchServe settings go with each task is declared in
+:data:`TASKS`; the ``handler:`` section of ``model-config.yaml`` is written from the handlers'
+own defaults (``handlers.contract.HANDLER_DEFAULTS``), not typed again here. Every shared module in ``handlers/`` (all ``*.py`` but ``__init__.py`` and
 the ``*_handler.py`` entry points) goes into every archive as an extra file; inside a
 ``.mar`` extra files land flat beside the handler, which the handlers allow for.
 """
@@ -15,9 +16,11 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import yaml
+
+from handlers.contract import HANDLER_DEFAULTS
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +35,6 @@ class TaskPackage:
 
     handler: str  # path relative to the repository root
     model_config: Mapping[str, Any] = field(default_factory=dict)  # model-config.yaml (TorchServe keys)
-    handler_options: Mapping[str, Any] = field(default_factory=dict)  # its ``handler:`` section
 
     def archive_name(self, task: str) -> str:
         return f"emotion_{task}"
@@ -48,28 +50,11 @@ TASKS: dict[str, TaskPackage] = {
         # as the 48x48 model's per-crop cost is lowest at small batches.
         model_config={"minWorkers": 2, "maxWorkers": 2, "batchSize": 4, "maxBatchDelay": 5,
                       "responseTimeout": 60, "startupTimeout": 120},
-        # threads 0: cores / maxWorkers; detection auto | always | never (handlers/image_handler.py);
-        # optimize: MKLDNN graph on CPU; half: float16 autocast on GPU (each kept only if it
-        # gives the plain model's output)
-        handler_options={"topk": 3, "threads": 0, "detection": "auto", "min_face_size": 20,
-                         "max_faces": 20, "optimize": True, "half": True},
     ),
     "video": TaskPackage(
         handler="handlers/video_handler.py",
         model_config={"minWorkers": 1, "maxWorkers": 1, "batchSize": 4, "maxBatchDelay": 50,
                       "responseTimeout": 300, "startupTimeout": 120},
-        # Limits on one video (handlers.video_decode.VideoLimits); max_bytes matches
-        # config.properties' max_request_size. Timeline: windows of window_seconds every
-        # window_stride seconds, at most max_windows (the stride grows for long videos).
-        # detection: auto (largest face per frame; whole frame if it is one face crop),
-        # always (largest face per frame), never (whole frames); frames are downscaled to
-        # detect_max_side px for detection (min_face_size counts there). optimize: MKLDNN on CPU.
-        handler_options={"topk": 3, "threads": 0,
-                         "max_bytes": 64 * 1024 * 1024, "max_duration_s": 60.0, "max_frames": 3600,
-                         "max_pixels": 3840 * 2160,
-                         "window_seconds": 2.0, "window_stride": 2.0, "max_windows": 30,
-                         "detection": "auto", "min_face_size": 20, "detect_max_side": 640,
-                         "optimize": True},
     ),
 }
 
@@ -82,10 +67,10 @@ def shared_handler_modules(handlers_dir: Path = HANDLERS_DIR) -> list[Path]:
 
 def model_config_for(task: str, overrides: Mapping[str, Any] | None = None,
                      handler_overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The ``model-config.yaml`` content for ``task`` with optional overrides."""
-    pkg = TASKS[task]
-    cfg = {**pkg.model_config, **(overrides or {})}
-    cfg["handler"] = {**pkg.handler_options, **(handler_overrides or {})}
+    """The ``model-config.yaml`` content for ``task`` with optional overrides: the task's
+    TorchServe settings and, as its ``handler:`` section, the handler's defaults."""
+    cfg = {**TASKS[task].model_config, **(overrides or {})}
+    cfg["handler"] = {**HANDLER_DEFAULTS[task], **(handler_overrides or {})}
     return cfg
 
 
@@ -97,33 +82,42 @@ def index_to_name(labels: list[str]) -> dict[str, str]:
 def build_archive(task: str, scripted_path: str | os.PathLike, spec: Mapping[str, Any],
                   out_dir: str | os.PathLike, version: str = "1.0",
                   model_config: Mapping[str, Any] | None = None) -> Path:
-    """Write ``out_dir/emotion_<task>.mar`` holding the TorchScript file, handler and configs.
-
-    Runs ``torch-model-archiver`` (as ``python -m model_archiver.model_packaging``) with a
-    private ``TMPDIR``, because it stages files in ``$TMPDIR/<model name>`` and two builds
-    of the same archive at once would otherwise share that folder.
-    """
+    """Write ``out_dir/emotion_<task>.mar`` holding the TorchScript file, handler and configs."""
     if task not in TASKS:
         raise KeyError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
     pkg = TASKS[task]
     handler = REPO / pkg.handler
     if not handler.is_file():
         raise FileNotFoundError(f"handler for task {task!r} not found: {handler}")
+    cfg = dict(model_config) if model_config is not None else model_config_for(task)
+    return run_archiver(pkg.archive_name(task), scripted_path, str(handler), list(spec["labels"]), cfg,
+                        out_dir, version, shared_handler_modules())
+
+
+def run_archiver(name: str, scripted_path: str | os.PathLike, handler: str, labels: list[str],
+                 model_config: Mapping[str, Any], out_dir: str | os.PathLike, version: str = "1.0",
+                 extra_files: Sequence[str | os.PathLike] = ()) -> Path:
+    """``out_dir/<name>.mar``: the serialized model, ``handler`` (a file or a TorchServe
+    built-in name), ``index_to_name.json`` for ``labels``, ``model_config`` as
+    ``model-config.yaml`` and ``extra_files``.
+
+    Runs ``torch-model-archiver`` (as ``python -m model_archiver.model_packaging``) with a
+    private ``TMPDIR``, because it stages files in ``$TMPDIR/<model name>`` and two builds
+    of the same archive at once would otherwise share that folder.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    name = pkg.archive_name(task)
-    cfg = dict(model_config) if model_config is not None else model_config_for(task)
     with tempfile.TemporaryDirectory(prefix=f"export-{name}-") as tmp:
         tmp = Path(tmp)
-        (tmp / "index_to_name.json").write_text(json.dumps(index_to_name(list(spec["labels"])), indent=1))
-        (tmp / "model-config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-        extra = [str(p) for p in shared_handler_modules()] + [str(tmp / "index_to_name.json")]
+        (tmp / "index_to_name.json").write_text(json.dumps(index_to_name(labels), indent=1))
+        (tmp / "model-config.yaml").write_text(yaml.safe_dump(dict(model_config), sort_keys=False))
+        extra = [str(p) for p in extra_files] + [str(tmp / "index_to_name.json")]
         staging = tmp / "staging"
         staging.mkdir()
         cmd = [sys.executable, "-m", "model_archiver.model_packaging",
                "--model-name", name, "--version", version,
                "--serialized-file", str(Path(scripted_path).resolve()),
-               "--handler", str(handler), "--extra-files", ",".join(extra),
+               "--handler", handler, "--extra-files", ",".join(extra),
                "--config-file", str(tmp / "model-config.yaml"),
                "--export-path", str(out_dir.resolve()), "--force"]
         logger.info("running %s", " ".join(cmd))

@@ -12,6 +12,10 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import nn
 
+from handlers.common import load_scripted
+from handlers.contract import SPEC_FILE
+from model_defs import ModelSpec, inference_model
+
 logger = logging.getLogger(__name__)
 
 
@@ -21,9 +25,6 @@ def _quiet() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*is deprecated", category=FutureWarning)
         yield
-
-SPEC_FILE = "spec.json"
-"""Name of the spec inside the TorchScript file (``torch.jit.load(..., _extra_files=...)``)."""
 
 
 def example_input(spec: Mapping[str, Any], batch: int = 2, seed: int = 0) -> torch.Tensor:
@@ -70,21 +71,20 @@ def verify_scripted(model: nn.Module, scripted: torch.jit.ScriptModule, example:
 
 def export_torchscript(model: nn.Module, spec: Mapping[str, Any], path: str | os.PathLike,
                        batch: int = 4, freeze: bool = True) -> Path:
-    """Compile ``model``, save it to ``path`` with ``spec.json`` inside, and verify the saved file.
+    """Compile ``model``, save it to ``path`` with the spec inside (``contract.SPEC_FILE``), read it
+    back with the handlers' loader (``handlers.common.load_scripted``) and verify it.
 
     ``freeze``: inline the weights as constants and fold BatchNorm into the convolutions
     (``torch.jit.freeze``; device-neutral, unlike ``optimize_for_inference``, whose CPU graph
     uses MKLDNN ops: the handlers apply that at load time on the CPU). The saved file is
     loaded back and compared with the eager model on a random batch, so what is written is
-    exactly what was checked. A spec with ``extra["tta_flip"]`` gets mirror averaging
-    (``model_defs.FlipAverage``) compiled in, so the server scores inputs as evaluation does.
+    exactly what was checked. The spec's ``extra["tta_flip"]`` (mirror averaging) and
+    ``extra["temperature"]`` (calibration) are compiled in (``model_defs.inference_model``), so
+    the server scores inputs exactly as evaluation and the SDK do.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if (spec.get("extra") or {}).get("tta_flip"):  # as training.evaluate scores it
-        from model_defs import FlipAverage
-
-        model = FlipAverage(model)
+    model = _as_scored(model, spec)
     example = example_input(spec, batch)
     scripted = compile_model(model, example)
     if freeze:
@@ -100,12 +100,7 @@ def export_torchscript(model: nn.Module, spec: Mapping[str, Any], path: str | os
     return path
 
 
-def load_scripted(path: str | os.PathLike, map_location: str | torch.device = "cpu"
-                  ) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
-    """Load a TorchScript file written by :func:`export_torchscript` and its spec."""
-    extra = {SPEC_FILE: ""}
-    with _quiet():
-        module = torch.jit.load(str(path), map_location=map_location, _extra_files=extra)
-    if not extra[SPEC_FILE]:
-        raise RuntimeError(f"{path}: no {SPEC_FILE} inside the TorchScript file")
-    return module.eval(), json.loads(extra[SPEC_FILE])
+def _as_scored(model: nn.Module, spec: Mapping[str, Any]) -> nn.Module:
+    """The network as evaluation scores it: ``model_defs.inference_model`` under ``spec``."""
+    model.spec = ModelSpec.from_dict(dict(spec))
+    return inference_model(model)

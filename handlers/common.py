@@ -1,4 +1,5 @@
-"""Request plumbing shared by the TorchServe handlers: bodies, per-request errors, top-k.
+"""Plumbing shared by the TorchServe handlers: request bodies, per-request errors, top-k, the
+handler options and loading the TorchScript file with its spec (which export also uses).
 
 TorchServe hands a handler one dict per request. A raw body arrives as ``{"body": bytes}``
 (or ``"data"``), a JSON body (``Content-Type: application/json``) already decoded to a dict,
@@ -10,12 +11,18 @@ import base64
 import binascii
 import json
 import logging
+import os
+import warnings
 from http import HTTPStatus
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+import torch
+
 try:  # inside the repository (package import)
+    from .contract import HANDLER_DEFAULTS, SPEC_FILE
     from .preprocess import InputError
 except ImportError:  # inside a .mar the shared modules sit flat beside the handler
+    from contract import HANDLER_DEFAULTS, SPEC_FILE  # type: ignore[no-redef]
     from preprocess import InputError  # type: ignore[no-redef]
 
 logger = logging.getLogger(__name__)
@@ -176,20 +183,17 @@ class CropBatch:
         return out
 
 
-# --- model loading shared by the handlers ---------------------------------------------------
-def handler_options(context: Any) -> dict[str, Any]:
-    """The ``handler:`` section of the archive's ``model-config.yaml`` (empty if absent)."""
+# --- model loading shared by the handlers (and export, which checks what it wrote) ------------
+def handler_options(context: Any, task: str) -> dict[str, Any]:
+    """The task's handler options: :data:`contract.HANDLER_DEFAULTS` overridden by the
+    ``handler:`` section of the archive's ``model-config.yaml`` (when there is one)."""
     yaml_cfg = getattr(context, "model_yaml_config", None) or {}
-    return dict(yaml_cfg.get("handler") or {})
+    return {**HANDLER_DEFAULTS[task], **(yaml_cfg.get("handler") or {})}
 
 
-def select_device(context: Any, options: Mapping[str, Any]) -> "torch.device":
+def select_device(context: Any, options: Mapping[str, Any]) -> torch.device:
     """The worker's GPU if TorchServe gave it one; else the CPU with ``threads`` threads
     (``options["threads"]``, 0 = the machine's cores shared among ``maxWorkers`` workers)."""
-    import os
-
-    import torch
-
     gpu_id = context.system_properties.get("gpu_id")
     if torch.cuda.is_available() and gpu_id is not None:
         return torch.device(f"cuda:{gpu_id}")
@@ -200,33 +204,30 @@ def select_device(context: Any, options: Mapping[str, Any]) -> "torch.device":
     return torch.device("cpu")
 
 
-def load_scripted_model(context: Any, device: "torch.device", spec_file: str = "spec.json"
-                        ) -> tuple[Any, dict[str, Any]]:
-    """The archive's TorchScript model (eval mode, on ``device``) and the spec stored inside it."""
-    import os
-    import warnings
-
-    import torch
-
-    path = os.path.join(context.system_properties["model_dir"], context.manifest["model"]["serializedFile"])
-    extra = {spec_file: ""}
+def load_scripted(path: str | os.PathLike, map_location: str | torch.device = "cpu"
+                  ) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
+    """A TorchScript file written by ``export`` (eval mode, on ``map_location``) and the spec
+    stored inside it (:data:`contract.SPEC_FILE`)."""
+    extra = {SPEC_FILE: ""}
     with warnings.catch_warnings():  # TorchScript's deprecation notice, not actionable here
-        warnings.simplefilter("ignore", FutureWarning)
-        model = torch.jit.load(path, map_location=device, _extra_files=extra).eval()
-    if not extra[spec_file]:
-        raise RuntimeError(f"{path}: no {spec_file} inside the TorchScript file")
-    return model, json.loads(extra[spec_file])
+        warnings.filterwarnings("ignore", message=r".*is deprecated", category=FutureWarning)
+        module = torch.jit.load(str(path), map_location=map_location, _extra_files=extra)
+    if not extra[SPEC_FILE]:
+        raise RuntimeError(f"{path}: no {SPEC_FILE} inside the TorchScript file")
+    return module.eval(), json.loads(extra[SPEC_FILE])
 
 
-def optimize_for_cpu(model: Any, example: "torch.Tensor", reload: Callable[[], Any], atol: float = 1e-4,
+def load_scripted_model(context: Any, device: torch.device) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
+    """The archive's TorchScript model (eval mode, on ``device``) and the spec stored inside it."""
+    model_dir = context.system_properties["model_dir"]
+    return load_scripted(os.path.join(model_dir, context.manifest["model"]["serializedFile"]), device)
+
+
+def optimize_for_cpu(model: Any, example: torch.Tensor, reload: Callable[[], Any], atol: float = 1e-4,
                      rtol: float = 1e-3) -> Any:
     """``model`` (TorchScript) through ``torch.jit.optimize_for_inference`` (MKLDNN convolutions;
     CPU only), kept only if it gives the plain model's output on ``example``; otherwise (the
     pass works in place) ``reload()``, a freshly loaded plain model."""
-    import warnings
-
-    import torch
-
     try:
         with torch.inference_mode():
             want = model(example)

@@ -15,11 +15,16 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
+
+try:  # inside the repository (package import)
+    from .contract import DETECTION_MODES, MAX_DETECT_SIDE, DetectionMode
+except ImportError:  # inside a .mar the shared modules sit flat beside the handler
+    from contract import DETECTION_MODES, MAX_DETECT_SIDE, DetectionMode  # type: ignore[no-redef]
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +44,15 @@ FACE_TEMPLATE = np.array([
 ], dtype=np.float64)
 FER_FACE_SIZE = 0.9228
 # Crop side = face size * (1 + 2 * margin): the margin is the border added on each side of the
-# face, as a fraction of the face size. DEFAULT_MARGIN = (1 / FER_FACE_SIZE - 1) / 2 reproduces
-# the FER2013 framing (MTCNN's box spans the whole FER crop: brows/forehead to chin), so that
-# aligning a FER2013 crop with it is close to the identity (see the tool's check).
-DEFAULT_MARGIN = 0.0418
+# face, as a fraction of the face size; FACE_Y_SHIFT moves the template down, in crop sides.
+# Both are set so that a face aligned from a real photo is framed like the FER2013 crops the
+# model trains on, measured the same way on both by tools/measure_photo_framing.py (MTCNN run
+# again inside each crop, at 48 px upscaled to 160): with the FER-derived margin
+# (1 / FER_FACE_SIZE - 1) / 2 = 0.0418 and no shift, the 203 aligned photo faces came out
+# smaller (box 0.844 of the crop side against FER2013's 0.911) and higher (eyes at 0.382 of
+# the side from the top against 0.392) than the FER2013 faces; these values correct both.
+DEFAULT_MARGIN = 0.0017
+FACE_Y_SHIFT = 0.0193
 
 # An input whose longer side is at most this is taken to be a face crop already (FER2013 is 48).
 TIGHT_MAX_SIDE = 64
@@ -50,12 +60,11 @@ TIGHT_MAX_SIDE = 64
 # Measured on FER2013 crops as above: median coverage 0.78, 5th percentile 0.44, 1st 0.34; the
 # 350x350 news-photo crops in tests/fixtures: ~0.7; a head-and-shoulders webcam frame: ~0.15.
 TIGHT_COVERAGE = 0.40
-# Images are downscaled for detection so that their longer side is at most this.
-MAX_DETECT_SIDE = 1920
-# Same-size images are detected together up to this many pixels per MTCNN call.
+# Images are downscaled for detection so that their longer side is at most MAX_DETECT_SIDE
+# (handlers/contract.py, by default). Same-size images are detected together up to this many pixels per MTCNN call.
 MAX_BATCH_PIXELS = 8_000_000
 
-Mode = Literal["auto", "always", "never"]
+Mode = DetectionMode
 
 
 @dataclass
@@ -81,7 +90,7 @@ class FaceCrop:
     """What the classifier sees for one face: the aligned crop, or the whole image."""
 
     face: Face | None  # None: no face used, the whole image is classified
-    image: Image.Image  # size x size, mode "L" or "RGB"
+    image: Image.Image  # mode "L" or "RGB"; aligned: size x size, whole image: its own size
     box: list[float] = field(default_factory=list)  # face box, or [0, 0, width, height]
 
     @property
@@ -166,19 +175,22 @@ def similarity_transform(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, 
     return m, mu_d - m @ mu_s
 
 
-def template_points(size: int, margin: float | None = None) -> np.ndarray:
-    """The five template landmarks in pixel coordinates of a ``size`` x ``size`` crop."""
+def template_points(size: int, margin: float | None = None, y_shift: float | None = None) -> np.ndarray:
+    """The five template landmarks in pixel coordinates of a ``size`` x ``size`` crop, moved down
+    by ``y_shift`` crop sides (default FACE_Y_SHIFT)."""
     margin = DEFAULT_MARGIN if not margin else float(margin)
-    return size / 2.0 + FACE_TEMPLATE * (size / (1.0 + 2.0 * margin))
+    shift = FACE_Y_SHIFT if y_shift is None else float(y_shift)
+    return size / 2.0 + FACE_TEMPLATE * (size / (1.0 + 2.0 * margin)) + np.array([0.0, shift * size])
 
 
-def align_face(img: Image.Image, face: Face, size: int, margin: float | None = None) -> Image.Image:
+def align_face(img: Image.Image, face: Face, size: int, margin: float | None = None,
+               y_shift: float | None = None) -> Image.Image:
     """Rotate, scale and crop so the landmarks land on the template; a ``size`` square image.
 
     ``margin``: border on each side as a fraction of the face size; 0 or None = DEFAULT_MARGIN
     (FER2013 framing). Parts of the crop outside the image repeat the edge pixels.
     """
-    m, t = similarity_transform(face.landmarks, template_points(size, margin))
+    m, t = similarity_transform(face.landmarks, template_points(size, margin, y_shift))
     scale = math.sqrt(abs(np.linalg.det(m)))
     inv = np.linalg.inv(m)  # output pixel -> input pixel: inv @ (p - t)
     corners = np.array([[0, 0], [size, 0], [0, size], [size, size]], np.float64)
@@ -234,8 +246,8 @@ def faces_for_images(images: Sequence[Image.Image], detector: FaceDetector | Non
 
     Whole-image entries have ``face=None`` (``detected`` False) and ``box = [0, 0, w, h]``.
     """
-    if mode not in ("auto", "always", "never"):
-        raise ValueError(f"face detection mode must be auto, always or never, not {mode!r}")
+    if mode not in DETECTION_MODES:
+        raise ValueError(f"face detection mode must be one of {', '.join(DETECTION_MODES)}, not {mode!r}")
     pil_mode = "L" if channels == 1 else "RGB"
     found: list[list[Face]] = [[] for _ in images]
     if mode != "never":
@@ -249,11 +261,22 @@ def faces_for_images(images: Sequence[Image.Image], detector: FaceDetector | Non
     out: list[list[FaceCrop]] = []
     for img, faces in zip(images, found):
         if mode == "never" or (mode == "auto" and is_tight_crop(img, faces)):
-            whole = img.convert(pil_mode)
-            if whole.size != (size, size):
-                whole = whole.resize((size, size), Image.BILINEAR)
-            out.append([FaceCrop(None, whole, [0.0, 0.0, float(img.width), float(img.height)])])
+            # at its own size: preprocess.to_uint8 resizes it, as it does every model input
+            out.append([FaceCrop(None, img.convert(pil_mode), [0.0, 0.0, float(img.width), float(img.height)])])
         else:
             src = img.convert(pil_mode)
             out.append([FaceCrop(f, align_face(src, f, size, margin), list(f.box)) for f in faces])
     return out
+
+
+def largest_face(img: Image.Image, detector: FaceDetector | None, mode: Mode, size: int,
+                 margin: float | None, channels: int) -> FaceCrop:
+    """The one face-crop rule for a single answer per image (evaluation, the SDK, video frames,
+    annotations): the first (largest) entry of :func:`faces_for_images`, or, when mode
+    ``always`` finds no face, the whole image (``detected`` False: a caller that must refuse
+    checks it)."""
+    (crops,) = faces_for_images([img], detector, mode, size, margin, channels)
+    if not crops:
+        (crops,) = faces_for_images([img], None, "never", size, margin, channels)
+    return crops[0]
+

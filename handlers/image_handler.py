@@ -13,10 +13,12 @@ image's pixels (after EXIF orientation). An entry for the whole image (``detecte
 ``auto`` when the input is already a tight face crop or no face was found. In mode ``always``
 an image without a face gets ``{"faces": [], "detection": {..., "faces_detected": 0}}`` (200).
 
-Options, from ``model-config.yaml``'s ``handler:`` section (defaults in
-``export/archive.py``): ``detection`` (auto | always | never), ``min_face_size`` (pixels),
-``max_faces`` (per image), ``topk``, ``threads``, ``optimize`` (MKLDNN graph on CPU) and
-``half`` (float16 autocast on GPU; each kept only if it gives the plain model's output).
+Options, from ``model-config.yaml``'s ``handler:`` section over the defaults in
+``handlers/contract.py`` (``IMAGE_DEFAULTS``, which the archive's YAML is written from):
+``detection`` (auto | always | never), ``min_face_size`` (pixels), ``max_faces`` (per image),
+``detect_max_side`` (photos are downscaled to it for detection), ``max_pixels`` (larger images
+are answered 413), ``topk``, ``threads``, ``optimize`` (MKLDNN graph on CPU) and ``half``
+(float16 autocast on GPU; each kept only if it gives the plain model's output).
 Per request, ``detection`` and ``max_faces`` (at most the configured one) may be sent as
 multipart form fields beside the image, JSON fields beside the base64 image, or gRPC
 ``input`` entries; a bad value is answered 400.
@@ -39,16 +41,15 @@ from ts.torch_handler.base_handler import BaseHandler
 try:  # inside the repository (package import)
     from . import common, faces, preprocess
     from . import metrics as handler_metrics
+    from .contract import DETECTION_MODES
 except ImportError:  # inside a .mar the shared modules sit flat beside the handler
     import common  # type: ignore[no-redef]
     import faces  # type: ignore[no-redef]
+    from contract import DETECTION_MODES  # type: ignore[no-redef]
     import metrics as handler_metrics  # type: ignore[no-redef]
     import preprocess  # type: ignore[no-redef]
 
 logger = logging.getLogger(__name__)
-
-SPEC_FILE = "spec.json"
-DETECTION_MODES = ("auto", "always", "never")
 
 
 # TorchServe loads the one class defined in this module: helpers here are functions and tuples.
@@ -111,28 +112,30 @@ class EmotionImageHandler(BaseHandler):
         """Load the TorchScript model and its spec; choose device and thread count; detector."""
         self.context = context
         self.manifest = context.manifest
-        options = common.handler_options(context)
-        self.topk = int(options.get("topk", 3))
-        self.detection = parse_detection(options.get("detection", "auto"))
-        self.min_face_size = int(options.get("min_face_size", 20))
-        self.max_faces = int(options.get("max_faces", 20))
+        options = common.handler_options(context, "image")
+        self.topk = int(options["topk"])
+        self.detection = parse_detection(options["detection"])
+        self.min_face_size = int(options["min_face_size"])
+        self.max_faces = int(options["max_faces"])
+        self.detect_max_side = int(options["detect_max_side"])
+        self.max_pixels = int(options["max_pixels"])
         if self.min_face_size < 1 or self.max_faces < 1:
             raise ValueError(f"handler options: min_face_size {self.min_face_size} and "
                              f"max_faces {self.max_faces} must be positive")
         self.device = common.select_device(context, options)
-        self.model, self.spec = common.load_scripted_model(context, self.device, SPEC_FILE)
+        self.model, self.spec = common.load_scripted_model(context, self.device)
         self.labels = list(self.spec["labels"])
         self.input_size = int(self.spec["input_size"])
         self.channels = int(self.spec["channels"])
         example = torch.randn(2, self.channels, self.input_size, self.input_size,
                               generator=torch.Generator().manual_seed(0))
         self.optimized = False
-        if self.device.type == "cpu" and bool(options.get("optimize", True)):
+        if self.device.type == "cpu" and bool(options["optimize"]):
             # MKLDNN graph: 1.1-1.4x the frozen graph's crops/s on CPU (bench/serve_bench.py)
             self.model = common.optimize_for_cpu(
-                self.model, example, lambda: common.load_scripted_model(context, self.device, SPEC_FILE)[0])
+                self.model, example, lambda: common.load_scripted_model(context, self.device)[0])
             self.optimized = "mkldnn" in str(getattr(self.model, "graph", "")).lower()
-        self.half = (self.device.type == "cuda" and bool(options.get("half", True))
+        self.half = (self.device.type == "cuda" and bool(options["half"])
                      and self._half_matches(example.to(self.device)))
         self.face_margin = float(self.spec.get("face_margin") or 0.0) or faces.DEFAULT_MARGIN
         self._detector: faces.FaceDetector | None = None
@@ -150,7 +153,7 @@ class EmotionImageHandler(BaseHandler):
         """The MTCNN detector on the worker's device (created on first use)."""
         if self._detector is None:
             self._detector = faces.FaceDetector(device=self.device, min_face_size=self.min_face_size,
-                                                max_faces=self.max_faces)
+                                                max_faces=self.max_faces, max_side=self.detect_max_side)
         return self._detector
 
     def _half_matches(self, example: torch.Tensor, atol: float = 2e-2) -> bool:
@@ -218,7 +221,8 @@ class EmotionImageHandler(BaseHandler):
             try:
                 opts = self.request_options(row)
                 with metrics.timed("decode"):
-                    image = preprocess.decode_image(common.extract_body(row, ("image", "file")))
+                    image = preprocess.decode_image(common.extract_body(row, ("image", "file")),
+                                                    max_pixels=self.max_pixels)
                 decoded[idx] = (image, opts)
             except Exception as e:  # one bad request must not fail the batch
                 failures.add_exception(idx, e, default_status=400)

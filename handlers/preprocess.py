@@ -11,12 +11,9 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
-from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-# Decompression-bomb guard, set deliberately: 40 megapixels is a 7300x5500 photo, more than
-# any phone camera sends; larger images are refused with HTTP 413 rather than decoded.
-MAX_IMAGE_PIXELS = 40_000_000
-Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 ORIENTATION_TAG = 0x0112  # EXIF Orientation
 
 
@@ -28,17 +25,23 @@ class InputError(ValueError):
         self.status = status
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Decode encoded image bytes to an RGB PIL image (first frame, EXIF orientation applied)."""
+def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
+    """Decode encoded image bytes to an RGB PIL image (first frame, EXIF orientation applied).
+
+    ``max_pixels``: refuse larger images with ``InputError(413)`` before decoding them (the
+    handlers pass the serving limit, ``contract.MAX_IMAGE_PIXELS``); None: no limit of ours
+    (training, evaluation), only PIL's own decompression-bomb error, whose global setting is
+    left as it is.
+    """
     if not data:
         raise InputError("empty request body: expected an encoded image", 400)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore" if max_pixels is None else "error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
-            if img.width * img.height > MAX_IMAGE_PIXELS:
+            if max_pixels is not None and img.width * img.height > max_pixels:
                 raise InputError(f"image too large: {img.width}x{img.height} pixels "
-                                 f"(limit {MAX_IMAGE_PIXELS} pixels)", 413)
+                                 f"(limit {max_pixels} pixels)", 413)
             img.seek(0)
             img.load()
     except InputError:
@@ -77,29 +80,52 @@ def to_model_input(img: Image.Image, spec: Mapping[str, Any]) -> torch.Tensor:
 
 
 def to_uint8(img: Image.Image, spec: Mapping[str, Any]) -> torch.Tensor:
-    """Resize to the spec's square size and channels (and low-pass by ``extra.input_blur``, a
-    Gaussian sigma in model pixels, when the spec asks); ``(C, S, S)`` uint8 tensor."""
-    size = int(spec["input_size"])
-    img = img.convert("L" if int(spec["channels"]) == 1 else "RGB")
-    if img.size != (size, size):
-        img = img.resize((size, size), Image.BILINEAR, reducing_gap=None)
-    arr = np.asarray(low_pass(img, spec), dtype=np.uint8)
+    """A PIL image → the spec's ``(C, S, S)`` uint8 tensor, through :func:`spec_uint8`."""
+    if img.mode not in ("L", "RGB"):
+        img = img.convert("RGB")
+    arr = np.asarray(img, dtype=np.uint8)
     arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-    return torch.from_numpy(arr.copy())
+    return spec_uint8(torch.from_numpy(arr.copy()), spec)
 
 
-def low_pass(img: Image.Image, spec: Mapping[str, Any]) -> Image.Image:
-    """The spec's input low-pass: a Gaussian of sigma ``extra.input_blur`` (model pixels), which
-    matches sharp inputs to the blurrier training data (see pretrain/MODEL_CARD.md); the image
-    itself when the spec sets none."""
-    sigma = float((spec.get("extra") or {}).get("input_blur", 0) or 0)
-    return img.filter(ImageFilter.GaussianBlur(sigma)) if sigma > 0 else img
+LUMA_WEIGHTS = (19595, 38470, 7471)
+"""ITU-R 601 luma in 16-bit fixed point, exactly as PIL's ``convert("L")`` computes it."""
 
 
-def normalize(x: torch.Tensor, spec: Mapping[str, Any]) -> torch.Tensor:
-    """uint8 ``(..., C, H, W)`` → float, scaled to [0, 1] and normalized by the spec's mean/std."""
+def to_grey(x: torch.Tensor) -> torch.Tensor:
+    """uint8 RGB ``(..., 3, H, W)`` → uint8 grey ``(..., 1, H, W)``, bit-equal to PIL's ``convert("L")``."""
+    w = torch.tensor(LUMA_WEIGHTS, dtype=torch.int32, device=x.device).view(3, 1, 1)
+    return ((x.to(torch.int32) * w).sum(-3, keepdim=True) + 0x8000).bitwise_right_shift(16).to(torch.uint8)
+
+
+def spec_uint8(x: torch.Tensor, spec: Mapping[str, Any]) -> torch.Tensor:
+    """THE preprocessing path, shared by serving, evaluation, training and the SDK: uint8 images
+    ``(C, H, W)`` or ``(N, C, H, W)`` (C = 1 grey or 3 RGB) → the spec's channels (grey = PIL's
+    luma, :func:`to_grey`; grey → RGB by copying) and square side (bilinear, antialiased when
+    shrinking, rounded back to uint8)."""
+    if x.dtype != torch.uint8:
+        raise TypeError(f"expected uint8 pixels, got {x.dtype}")
+    channels, size = int(spec["channels"]), int(spec["input_size"])
+    if x.shape[-3] != channels:
+        if x.shape[-3] == 3 and channels == 1:
+            x = to_grey(x)
+        elif x.shape[-3] == 1 and channels == 3:
+            x = x.expand(*x.shape[:-3], 3, *x.shape[-2:])
+        else:
+            raise ValueError(f"images have {x.shape[-3]} channels; expected 1 (grey) or 3 (RGB)")
+    if tuple(x.shape[-2:]) == (size, size):
+        return x.contiguous()
+    batch = x if x.dim() == 4 else x[None]
+    out = F.interpolate(batch.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    out = out.round_().clamp_(0, 255).to(torch.uint8)
+    return out if x.dim() == 4 else out[0]
+
+
+def normalize(x: torch.Tensor, spec: Mapping[str, Any], channel_axis: int = -3) -> torch.Tensor:
+    """uint8 ``(..., C, H, W)`` → float, scaled to [0, 1] and normalized by the spec's mean/std
+    (``channel_axis=-4`` for clips ``(..., C, T, H, W)``)."""
     c = int(spec["channels"])
-    shape = (c, 1, 1)
+    shape = (c,) + (1,) * (-channel_axis - 1)
     mean = torch.tensor(spec["mean"], dtype=torch.float32, device=x.device).view(shape)
     std = torch.tensor(spec["std"], dtype=torch.float32, device=x.device).view(shape)
     return (x.float() / 255.0 - mean) / std

@@ -16,14 +16,16 @@ import math
 import os
 import random
 from dataclasses import dataclass
-from typing import Iterable, Sequence, Union
+from typing import Callable, Iterable, Sequence, Union
 
 import av
 from PIL import Image
 
 try:  # inside the repository (package import)
+    from .contract import VIDEO_DEFAULTS
     from .preprocess import InputError
 except ImportError:  # inside a .mar the shared modules sit flat beside the handler
+    from contract import VIDEO_DEFAULTS  # type: ignore[no-redef]
     from preprocess import InputError  # type: ignore[no-redef]
 
 log = logging.getLogger(__name__)
@@ -38,12 +40,13 @@ SUPPORTED = "MP4, MOV, WebM/MKV, AVI, GIF"
 
 @dataclass(frozen=True)
 class VideoLimits:
-    """Bounds on the work one video may cause; all configurable (e.g. from ``model-config.yaml``)."""
+    """Bounds on the work one video may cause; all configurable (e.g. from ``model-config.yaml``),
+    by default the served ones (``contract.VIDEO_DEFAULTS``)."""
 
-    max_bytes: int = 64 * 1024 * 1024  # encoded size
-    max_duration_s: float = 120.0  # stream duration
-    max_frames: int = 3600  # frames in the stream (all are demuxed, most are decoded)
-    max_pixels: int = 3840 * 2160  # per frame (4K UHD)
+    max_bytes: int = VIDEO_DEFAULTS["max_bytes"]  # encoded size
+    max_duration_s: float = VIDEO_DEFAULTS["max_duration_s"]  # stream duration
+    max_frames: int = VIDEO_DEFAULTS["max_frames"]  # frames in the stream (all are demuxed, most are decoded)
+    max_pixels: int = VIDEO_DEFAULTS["max_pixels"]  # per frame
 
     @classmethod
     def from_mapping(cls, cfg: dict | None) -> "VideoLimits":
@@ -227,11 +230,31 @@ def decode_frames(source: VideoSource, indices: Iterable[int], limits: VideoLimi
 def decode_video(source: VideoSource, indices: Sequence[int] | None = None,
                  limits: VideoLimits = VideoLimits()) -> DecodedVideo:
     """Probe, then decode ``indices`` (default: every frame, within ``limits.max_frames``)."""
+    return read_clip(source, lambda info: range(info.n_frames) if indices is None else indices, limits)
+
+
+def read_clip(source: VideoSource, plan: int | Callable[[VideoInfo], Sequence[int]],
+              limits: VideoLimits = VideoLimits(), mode: str = "uniform",
+              rng: random.Random | None = None) -> DecodedVideo:
+    """THE clip reader (serving, training datasets and the SDK): probe within ``limits``, choose
+    the frames, decode them in one pass. ``plan`` is a clip length (``sample_indices`` with
+    ``mode`` and ``rng``) or a function from the probed :class:`VideoInfo` to frame indices.
+    The frames come back in the order (and with the repeats) of the plan."""
     info = probe_video(source, limits)
-    idx = list(range(info.n_frames)) if indices is None else [min(max(int(i), 0), info.n_frames - 1) for i in indices]
+    if isinstance(plan, int):
+        idx = sample_indices(info.n_frames, plan, mode, rng)
+    else:
+        idx = [min(max(int(i), 0), info.n_frames - 1) for i in plan(info)]
     frames = decode_frames(source, idx, limits)
     return DecodedVideo(info=info, indices=idx, frames=[frames[i] for i in idx],
                         timestamps=[info.timestamps[i] for i in idx])
+
+
+def sample_at_rate(info: VideoInfo, fps: float, min_frames: int, max_frames: int) -> list[int]:
+    """Frame indices spread uniformly over the video at about ``fps`` per second, at least
+    ``min_frames`` (repeating frames in very short videos) and at most ``max_frames``."""
+    want = int(round(info.duration * fps)) if fps > 0 else min_frames
+    return sample_indices(info.n_frames, max(min_frames, min(want, max_frames)))
 
 
 def _upright(img: Image.Image, rotation: float) -> Image.Image:

@@ -1,11 +1,15 @@
 """Networks, their specs and the checkpoint format."""
-from .checkpoint import CheckpointError, atomic_save, load_checkpoint, load_model, save_weights, unwrap
-from .registry import FlipAverage, create_model, default_spec, list_models, register_model
+from .checkpoint import (CheckpointError, atomic_save, checkpoint_dict, is_checkpoint, load_checkpoint, load_file,
+                         load_model, metadata, save_weights, unwrap)
+from .defaults import DEFAULT_MODEL, SHIPPED_WEIGHTS
+from .inference import FlipAverage, TemperatureScaled, inference_model
+from .registry import create_model, default_spec, list_models, register_model
 from .spec import LABELS, ModelSpec
 from . import image_nets  # noqa: F401  (registers the image networks)
 from . import video_nets  # noqa: F401  (registers the video networks)
 
 __all__ = [
-    "LABELS", "ModelSpec", "FlipAverage", "create_model", "default_spec", "list_models", "register_model",
-    "load_model", "load_checkpoint", "save_weights", "atomic_save", "unwrap", "CheckpointError",
+    "DEFAULT_MODEL", "SHIPPED_WEIGHTS", "LABELS", "ModelSpec", "FlipAverage", "TemperatureScaled", "inference_model", "create_model", "default_spec", "list_models", "register_model",
+    "load_model", "load_checkpoint", "load_file", "is_checkpoint", "save_weights", "atomic_save", "checkpoint_dict", "metadata", "unwrap",
+    "CheckpointError",
 ]

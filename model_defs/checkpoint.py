@@ -18,6 +18,10 @@ from .registry import create_model
 from .spec import ModelSpec
 
 FORMAT_VERSION = 1
+WEIGHTS_KEYS = ("format", "spec", "state_dict")
+"""What every file of this format holds."""
+TRAINING_STATE_KEYS = ("optimizer", "scheduler", "scaler", "epoch", "best", "history", "config")
+"""What a training checkpoint adds (``training.engine``); everything else is plain metadata."""
 
 
 class CheckpointError(ValueError):
@@ -41,25 +45,50 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
         raise
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint dict safely (``weights_only=True``)."""
+def load_file(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a weights file safely (``weights_only=True``): any dict of plain data and tensors
+    (our checkpoints, or a bare ``state_dict``); pickled objects are refused with CheckpointError."""
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"{path}: refused to load: it holds pickled Python objects, not just weights "
-            f"(only weights_only checkpoints are accepted): {str(e).splitlines()[0]}") from e
+            f"(only weights_only checkpoints are accepted; save a state_dict or use model_defs.save_weights): "
+            f"{str(e).splitlines()[0]}") from e
     except (RuntimeError, EOFError) as e:
         raise CheckpointError(f"{path}: not a readable checkpoint: {e}") from e
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "spec" not in ckpt:
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a checkpoint or state_dict, got {type(obj).__name__}")
+    return obj
+
+
+def is_checkpoint(obj: dict[str, Any]) -> bool:
+    """True for a dict in this format (a spec and weights), False for e.g. a bare state_dict."""
+    return isinstance(obj.get("spec"), dict) and "state_dict" in obj
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint dict safely (``weights_only=True``)."""
+    ckpt = load_file(path, map_location)
+    if not is_checkpoint(ckpt):
         raise CheckpointError(f"{path}: not an emotion checkpoint (needs 'spec' and 'state_dict')")
     return ckpt
 
 
-def save_weights(model: nn.Module, path: str | os.PathLike, **meta: Any) -> None:
-    """Save a model's weights with its spec (and optional plain-data metadata)."""
+def checkpoint_dict(model: nn.Module, **extra: Any) -> dict[str, Any]:
+    """The format's dict for a model: version, spec and weights (on the CPU), plus ``extra``."""
     state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
-    atomic_save({"format": FORMAT_VERSION, "spec": unwrap(model).spec.to_dict(), "state_dict": state, **meta}, path)
+    return {"format": FORMAT_VERSION, "spec": unwrap(model).spec.to_dict(), "state_dict": state, **extra}
+
+
+def save_weights(model: nn.Module, path: str | os.PathLike, **meta: Any) -> None:
+    """Save a model's weights with its spec (and optional plain-data metadata), atomically."""
+    atomic_save(checkpoint_dict(model, **meta), path)
+
+
+def metadata(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's plain metadata: everything but the weights, spec and training state."""
+    return {k: v for k, v in ckpt.items() if k not in WEIGHTS_KEYS + TRAINING_STATE_KEYS}
 
 
 def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:

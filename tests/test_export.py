@@ -12,7 +12,8 @@ from torch import nn
 
 from export.__main__ import main as export_main
 from export.archive import TASKS, shared_handler_modules
-from export.torchscript import SPEC_FILE, compile_model, export_torchscript, load_scripted, verify_scripted
+from export.torchscript import compile_model, export_torchscript, verify_scripted
+from handlers.common import load_scripted
 from model_defs import LABELS, create_model, list_models, load_model, save_weights
 
 
@@ -109,12 +110,6 @@ def test_every_task_names_its_handler_and_archive():
         assert pkg.handler == f"handlers/{task}_handler.py"
         assert pkg.archive_name(task) == f"emotion_{task}"
         assert {"batchSize", "maxBatchDelay", "minWorkers", "maxWorkers", "responseTimeout"} <= set(pkg.model_config)
-
-
-def test_spec_file_name_matches_handler():
-    from handlers import image_handler
-
-    assert image_handler.SPEC_FILE == SPEC_FILE
 
 
 @pytest.mark.parametrize("name", list_models())

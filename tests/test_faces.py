@@ -86,7 +86,7 @@ def test_no_face(detector):
     (crops,) = F.faces_for_images([img], detector, "auto", size=48, margin=0, channels=1)
     assert len(crops) == 1 and not crops[0].detected
     assert crops[0].box == [0.0, 0.0, 480.0, 270.0]
-    assert crops[0].image.size == (48, 48) and crops[0].image.mode == "L"
+    assert crops[0].image.size == (480, 270) and crops[0].image.mode == "L"  # whole: to_uint8 resizes it
     assert F.faces_for_images([img], detector, "always", 48, 0, 1) == [[]]
 
 
@@ -162,7 +162,7 @@ def test_faces_for_images_modes():
     assert not whole[0].detected and whole[0].image.size == (48, 48)
     out = F.faces_for_images([photo, small], None, "never", 100, 0, 3)
     assert [len(c) for c in out] == [1, 1]
-    assert out[0][0].image.size == (100, 100) and out[0][0].image.mode == "RGB"
+    assert out[0][0].image.size == photo.size and out[0][0].image.mode == "RGB"  # whole, at its own size
     assert out[0][0].box == [0.0, 0.0, 640.0, 360.0]
     with pytest.raises(ValueError):
         F.faces_for_images([photo], None, "sometimes", 48, 0, 1)

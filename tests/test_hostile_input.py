@@ -23,8 +23,8 @@ import torch
 from export.__main__ import main as export_main
 from export.archive import model_config_for
 from model_defs import create_model, save_weights
+from serving import read_properties, running_server
 from tests import hostile_corpus as corpus
-from tests.tsserver import running_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -196,7 +196,6 @@ def test_body_over_max_request_size_is_refused_by_the_frontend(server):
     """TorchServe's Netty frontend refuses a body over ``max_request_size`` itself, before any
     handler sees it: HTTP 413 with an EMPTY body (no JSON; the handler cannot add one). The
     worker is untouched."""
-    from tests.tsserver import read_properties
 
     limit = int(read_properties()["max_request_size"])
     pids = worker_pids(server, "emotion_image")
@@ -250,7 +249,7 @@ def test_image_batch_only_the_bad_requests_fail(server):
 
 
 def video_limit() -> float:
-    return float(model_config_for("video")["handler"].get("max_duration_s", 120.0))
+    return float(model_config_for("video")["handler"]["max_duration_s"])
 
 
 def test_video_hostile_inputs_get_clean_4xx(video):
@@ -273,7 +272,6 @@ def test_video_one_frame_and_no_face_get_answers(video):
 
 
 def test_video_body_over_max_request_size_is_refused(video):
-    from tests.tsserver import read_properties
 
     limit = int(read_properties()["max_request_size"])
     pids = worker_pids(video, "emotion_video")

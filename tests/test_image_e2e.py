@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import base64
-import json
 import re
 from pathlib import Path
 
@@ -12,8 +11,9 @@ from PIL import Image
 
 from export.__main__ import main as export_main
 from model_defs import LABELS
-from tests.grpc_client import predict as grpc_predict
-from tests.tsserver import image_weights, running_server, send_together
+from serving import running_server
+from serving.grpc_client import predict as grpc_predict
+from tests.tsserver import image_weights, send_together
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -374,26 +374,38 @@ def test_options_from_model_config(model_dir, handler):
             EmotionImageHandler().initialize(ctx)
 
 
-def test_archive_declares_detection_options(model_dir):
-    import yaml
-
-    cfg = yaml.safe_load((model_dir / "model-config.yaml").read_text())["handler"]
-    assert (cfg["detection"], cfg["min_face_size"], cfg["max_faces"]) == ("auto", 20, 20)
-
-
 @pytest.mark.parametrize("name,mode", [("single_face.jpg", "auto"), ("group.jpg", "auto"),
                                        ("photo_tight.jpg", "auto"), ("photo_tight.jpg", "always")])
 def test_evaluator_crop_equals_handler_crop(handler, name, mode):
     """``training.evaluate --detect-faces`` sees exactly the tensor the handler classifies."""
     from handlers.preprocess import decode_image, normalize, to_uint8
     from training.engine import prepare_batch
-    from training.evaluate import build_face_crop
+    from training.datasets import detected_face_crop
 
     body = photo_bytes(name)
     batch = handler.preprocess([{"body": body, "detection": mode}])
-    crop = build_face_crop(handler.spec, "cpu", mode)(decode_image(body))
+    crop = detected_face_crop(handler.spec, "cpu", mode)(decode_image(body))
     evaluated = prepare_batch(to_uint8(crop, handler.spec)[None], handler.spec)[0]  # dataset + engine
     served = normalize(torch.stack(batch[0].tensors), handler.spec)  # as in handler.inference
     assert torch.equal(evaluated, served[0])  # the largest face (first entry)
     if name == "group.jpg":
         assert not torch.equal(evaluated, served[1])
+
+
+def test_a_50_megapixel_photo_trains_but_is_refused_by_serving(handler, model_dir, tmp_path):
+    """The serving pixel limit is applied where a request is decoded, not globally on import:
+    a 50-megapixel photo decodes for training (``image_dataset``) and is answered 413 here."""
+    from training.datasets import image_dataset
+
+    buf = io.BytesIO()
+    Image.new("L", (8000, 6250), 128).save(buf, "PNG")  # 50 megapixels, 50 kB
+    (tmp_path / "happy").mkdir()
+    (tmp_path / "happy" / "big.png").write_bytes(buf.getvalue())
+    # through a face crop (as training with face detection does), so that the test times the
+    # decode, not a 50-megapixel resize
+    x, label = image_dataset(tmp_path, handler.spec, face_crop=lambda img: img.resize((64, 64)))[0]
+    assert tuple(x.shape) == (handler.channels, handler.input_size, handler.input_size)
+    assert label == LABELS.index("happy")
+    out, status = run(handler, model_dir, [{"body": buf.getvalue()}])
+    assert status == [413] and "image too large" in out[0]["message"]
+    assert 40_000_000 == handler.max_pixels < 50_000_000

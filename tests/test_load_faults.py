@@ -27,7 +27,8 @@ import requests
 from export.__main__ import main as export_main
 from model_defs import CheckpointError, load_checkpoint
 from tests import hostile_corpus as corpus
-from tests.tsserver import image_weights, running_server
+from serving import running_server
+from tests.tsserver import image_weights
 
 pytestmark = [pytest.mark.slow]
 
@@ -94,6 +95,7 @@ class Client:
         return t0, time.monotonic(), status
 
 
+@pytest.mark.e2e  # starts TorchServe
 def test_bounded_load_no_errors_no_restart_stable_memory(server):
     client = Client(server)
     warm = request_mix(200)
@@ -119,6 +121,7 @@ def test_bounded_load_no_errors_no_restart_stable_memory(server):
     assert rss_after < rss_before * 1.5 + 200 * 2**20  # generous: a leak per request would blow it
 
 
+@pytest.mark.e2e  # starts TorchServe
 def test_sigkilled_worker_is_replaced_and_only_the_restart_fails(server):
     client = Client(server)
     body = FACES[0].read_bytes()

@@ -8,7 +8,8 @@ import pytest
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
 from handlers import metrics as hm
-from tests.tsserver import REPO, read_properties
+from serving import read_properties
+from tests.tsserver import REPO
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import yaml
 from export.__main__ import main as export_main
 from handlers import metrics as handler_metrics
 from model_defs import create_model, save_weights
-from tests.tsserver import read_properties, running_server
+from serving import read_properties, running_server
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -17,7 +17,8 @@ import torch
 
 from export.__main__ import main as export_main
 from model_defs import CheckpointError, create_model, load_checkpoint, load_model, save_weights
-from tests.tsserver import live_server_pid, machine_lock, read_properties, running_server
+from serving import live_server_pid, machine_lock, read_properties, running_server
+from serving.grpc_client import predict as grpc_predict
 
 REPO = Path(__file__).resolve().parents[1]
 PROPS = read_properties()
@@ -120,7 +121,7 @@ def serve_tree(tmp: Path) -> Path:
     work = tmp / "work"
     work.mkdir()
     for name in ("Makefile", "config.properties", "metrics.yaml", "pyproject.toml", ".venv", "handlers",
-                 "export", "pretrain"):
+                 "export", "serving", "pretrain"):
         if (REPO / name).exists():
             (work / name).symlink_to(REPO / name)
     return work
@@ -203,9 +204,7 @@ def test_server_listens_on_loopback_only(server):
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_requests_without_the_key_are_refused(server):
-    import grpc
-
-    from tests.grpc_client import predict as grpc_predict
+    import grpc  # noqa: F401  (the gRPC calls below need it installed)
 
     body = FACE.read_bytes()
     for url, method in ((server.predictions_url("emotion_image"), "post"), (f"{server.management_url}/models", "get"),

@@ -17,9 +17,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from handlers.preprocess import to_model_input, to_uint8
-from model_defs import LABELS, CheckpointError, create_model, load_model, save_weights
-from training import sdk
-from training import Emotion_Recognize, EmotionRecognizer
+from model_defs import DEFAULT_MODEL, LABELS, CheckpointError, create_model, load_model, save_weights
+from training import Emotion_Recognize, EmotionRecognizer, sdk, seed_sdk
 
 from .seed_datasets import AFEWRecogSet, AFEWTrainSet, RAFRecogSet, RAFTrainSet
 
@@ -36,13 +35,13 @@ def _faces() -> list[tuple[Path, int]]:
 
 @pytest.fixture()
 def dirs(tmp_path, monkeypatch):
-    """Empty weights, shipped-weights and log folders in place of the repository's."""
+    """Empty weights, shipped-weights and output folders in place of the repository's."""
     d = {k: tmp_path / k for k in ("pretrain", "shipped", "log")}
     for p in d.values():
         p.mkdir()
-    monkeypatch.setattr(sdk, "DEFAULT_WEIGHTS_DIR", d["pretrain"])
-    monkeypatch.setattr(sdk, "SHIPPED_DIR", d["shipped"])
-    monkeypatch.setattr(sdk, "DEFAULT_LOG_DIR", d["log"])
+    monkeypatch.setattr(seed_sdk, "DEFAULT_WEIGHTS_DIR", d["pretrain"])
+    monkeypatch.setattr(sdk, "SHIPPED_WEIGHTS", {t: d["shipped"] / f"emotion_{t}.pth" for t in ("image", "video")})
+    monkeypatch.setattr(sdk, "DEFAULT_OUTPUT_DIR", d["log"])
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     torch.manual_seed(0)
     random.seed(0)
@@ -125,8 +124,8 @@ def test_seed_image_script(dirs, raf):
     assert set(summary) == {"acc", "acc_top3", "best_epoch"}
     assert summary["best_epoch"] in (1, 2)
     assert 0.0 <= summary["acc"] <= summary["acc_top3"] <= 1.0
-    best = dirs["pretrain"] / "best_pic_model.pth"
-    assert load_model(best).spec.arch == "emo_resnet_s"
+    best = dirs["log"] / "image" / "best_pic_model.pth"  # runs/, not the weights folder
+    assert load_model(best).spec.arch == "emo_resnet_s" and not list(dirs["pretrain"].glob("best_*"))
     assert torch.load(best, weights_only=True)["metrics"]["best_epoch"] == summary["best_epoch"]
     assert list((dirs["log"] / "image" / "tb").glob("events.out.tfevents.*")), "no TensorBoard log"
     # the recognizer holds the best epoch's weights after training
@@ -153,7 +152,7 @@ def test_seed_video_script(dirs, afew, caplog):
     assert "random initialisation" in caplog.text  # no weights in the (empty) folders
     assert model.task == "video" and model.spec.arch == "emo_video_hybrid"
     assert set(summary) == {"acc", "acc_top3", "best_epoch"} and summary["best_epoch"] == 1
-    assert load_model(dirs["pretrain"] / "best_video_model.pth").spec.task == "video"
+    assert load_model(dirs["log"] / "video" / "best_video_model.pth").spec.task == "video"
     assert set(result) == {"acc", "acc_top3"} and 0.0 <= result["acc"] <= 1.0
     assert isinstance(prediction, int) and 0 <= prediction < 7
     folders = sorted(str(p) for p in afew["data_dir"].iterdir())
@@ -188,7 +187,8 @@ def test_seed_float_images_map_to_the_serving_preprocessing(dirs, raf):
     served = torch.stack([to_uint8(Image.open(ds.images[i]).convert("RGB").resize((100, 100), Image.BILINEAR), spec)
                           for i in range(4)])
     ours = r.to_spec_uint8(x)
-    assert ours.shape == served.shape == (4, 1, 48, 48) and ours.dtype == torch.uint8
+    side = r.spec.input_size
+    assert ours.shape == served.shape == (4, 1, side, side) and ours.dtype == torch.uint8
     assert float((ours.float() - served.float()).abs().mean()) < 2.0  # grey levels of 255
     pil_input = torch.stack([to_model_input(Image.open(ds.images[i]).convert("RGB").resize((100, 100)), spec)
                              for i in range(4)])
@@ -202,7 +202,7 @@ def test_seed_float_images_map_to_the_serving_preprocessing(dirs, raf):
 
 
 def test_seed_clip_layout_is_put_back_in_frame_order(dirs, afew):
-    r = EmotionRecognizer(video=True, pretrained=False)
+    r = Emotion_Recognize(Video=True, pretrain=False)
     ds = AFEWTrainSet(afew["list"], afew["data_dir"])
     random.seed(3)
     seed_clip, _ = ds[0]  # (3, 16, 224, 224) by reshape
@@ -218,7 +218,7 @@ def test_seed_clip_layout_is_put_back_in_frame_order(dirs, afew):
     assert torch.equal(a, b)
     # a colour clip in true (3, T, H, W) order is left alone
     colour = torch.rand(1, 3, 16, 32, 32)
-    assert torch.equal(sdk._unscramble_seed_clips(colour), colour)
+    assert torch.equal(seed_sdk.unscramble_seed_clips(colour), colour)
     # other clip lengths are resampled to the spec's 16 frames
     assert r.to_spec_uint8(torch.rand(2, 3, 40, 50, 50)).shape == (2, 1, 16, 48, 48)
 
@@ -226,11 +226,11 @@ def test_seed_clip_layout_is_put_back_in_frame_order(dirs, afew):
 # ------------------------------------------------------------------ constructor and weights
 
 def test_seed_names_and_gpu_options(dirs):
-    assert Emotion_Recognize is EmotionRecognizer
+    assert issubclass(Emotion_Recognize, EmotionRecognizer)
     assert EmotionRecognizer(pretrained=False).task == "video"  # the seed's default
-    assert EmotionRecognizer(Video=False, pretrain=False).task == "image"
+    assert Emotion_Recognize(Video=False, pretrain=False).task == "image"
     with pytest.raises(TypeError, match="disagree"):
-        EmotionRecognizer(video=True, Video=False)
+        Emotion_Recognize(video=True, Video=False)
     with pytest.raises(RuntimeError, match="torchrun --nproc-per-node 2"):
         Emotion_Recognize(Video=False, pretrain=False, nGPU=2)
     if not torch.cuda.is_available():
@@ -246,40 +246,52 @@ def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 
 def test_pretrained_weights_are_found_in_the_seed_order(dirs, caplog):
-    shipped = create_model("emo_resnet_s")
+    image = DEFAULT_MODEL["image"]
+    shipped = create_model(image)
     save_weights(shipped, dirs["shipped"] / "emotion_image.pth")
-    r = EmotionRecognizer(video=False)
-    assert _same_weights(r.net, shipped)  # the shipped weights, no origin_pic_model.pth yet
+    assert _same_weights(EmotionRecognizer(video=False).net, shipped)  # the shipped weights
+    assert _same_weights(Emotion_Recognize(Video=False).net, shipped)  # no origin_pic_model.pth yet
 
+    origin_path = dirs["pretrain"] / "origin_pic_model.pth"
     origin = create_model("emo_resnet_s")
-    torch.save({"module." + k: v for k, v in origin.state_dict().items()}, dirs["pretrain"] / "origin_pic_model.pth")
-    r = EmotionRecognizer(video=False)
-    assert _same_weights(r.net, origin)  # a bare DataParallel state_dict of the same network
+    torch.save({"module." + k: v for k, v in origin.state_dict().items()}, origin_path)
+    with pytest.raises(CheckpointError, match=f"does not fit '{image}'"):
+        Emotion_Recognize(Video=False)  # a bare state_dict of another network than the default
+    assert _same_weights(Emotion_Recognize(Video=False, model="emo_resnet_s").net, origin)  # DataParallel prefix
 
-    save_weights(origin, dirs["pretrain"] / "origin_pic_model.pth")
-    assert _same_weights(EmotionRecognizer(video=False).net, origin)  # our checkpoint format
-    with pytest.raises(CheckpointError, match="dlp_cnn"):
-        EmotionRecognizer(video=False, model="dlp_cnn")  # the user's file is for another network
+    save_weights(origin, origin_path)
+    assert _same_weights(Emotion_Recognize(Video=False).net, origin)  # our checkpoint format: its spec decides
+    assert _same_weights(EmotionRecognizer(video=False, weights=origin_path).net, origin)  # the new SDK's way
+    with pytest.raises(CheckpointError, match="emo_resnet_s"):
+        Emotion_Recognize(Video=False, model="dlp_cnn")  # the user's file is for another network
 
-    torch.save(create_model("dlp_cnn").state_dict(), dirs["pretrain"] / "origin_pic_model.pth")
-    with pytest.raises(CheckpointError, match="does not fit 'emo_resnet_s'"):
-        EmotionRecognizer(video=False)
-    assert EmotionRecognizer(video=False, model="dlp_cnn").spec.input_size == 100
-
-    (dirs["pretrain"] / "origin_pic_model.pth").write_bytes(b"not a checkpoint")
+    origin_path.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError):
-        EmotionRecognizer(video=False)
+        Emotion_Recognize(Video=False)
 
     # a video model without video weights starts its frame network from the image weights
+    frames = create_model("emo_resnet_s")
+    save_weights(frames, dirs["shipped"] / "emotion_image.pth")
     with caplog.at_level(logging.WARNING, logger="training.sdk"):
         v = EmotionRecognizer(video=True)
     assert "frame network starts from" in caplog.text
-    assert _same_weights(v.net.frame_cnn, shipped)
+    assert _same_weights(v.net.frame_cnn, frames)
+
+
+def test_predict_gives_calibrated_top3(dirs, raf):
+    r = EmotionRecognizer(video=False, pretrained=False)
+    x = torch.rand(2, 3, 100, 100)
+    top = r.predict(x)
+    assert len(top) == 2 and all(len(t) == 3 for t in top)
+    assert [t[0][0] for t in top] == [LABELS[i] for i in r.recognize(x)]
+    r.net.spec.extra["temperature"] = 2.0  # a calibrated model's probabilities are softer
+    softer = r.predict(x[0])
+    assert softer[0][0] == top[0][0][0] and softer[0][1] < top[0][0][1]
 
 
 def test_target_order_maps_targets_and_answers(dirs):
-    r = EmotionRecognizer(video=False, pretrained=False, target_order=sdk.RAF_DB_ORDER)
-    assert r.labels == list(sdk.RAF_DB_ORDER)
+    r = EmotionRecognizer(video=False, pretrained=False, target_order=seed_sdk.RAF_DB_ORDER)
+    assert r.labels == list(seed_sdk.RAF_DB_ORDER)
     assert r._target(torch.tensor([0, 5, 6])).tolist() == [LABELS.index("surprise"), LABELS.index("angry"),
                                                             LABELS.index("neutral")]
     x = torch.rand(5, 3, 100, 100)

@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from model_defs import LABELS, create_model, load_checkpoint, load_model, save_weights
+from model_defs import DEFAULT_MODEL, LABELS, create_model, load_checkpoint, load_model, save_weights
+from handlers.preprocess import to_uint8
 from training.datasets import CsvImageDataset, ImageFolderDataset, ListFileDataset, cache_in_memory, image_dataset
 from training.engine import FitConfig, evaluate, fit, prepare_batch
 from training.augment import AugmentConfig, train_batch
@@ -179,7 +180,7 @@ def test_train_cli_smoke_and_resume(tmp_path: Path):
     r = subprocess.run(cmd[:8] + ["2"] + cmd[9:] + ["--resume"], cwd=REPO, check=True, capture_output=True, text=True)
     assert "resumed from" in r.stderr
     assert load_checkpoint(out_dir / "checkpoint.pth")["epoch"] == 2
-    assert load_model(out_dir / "best.pth").spec.arch == "emo_resnet_s"
+    assert load_model(out_dir / "best.pth").spec.arch == DEFAULT_MODEL["image"]
 
 
 def test_flip_averaging_is_what_export_compiles_in(tmp_path: Path):
@@ -204,20 +205,91 @@ def test_flip_averaging_is_what_export_compiles_in(tmp_path: Path):
     assert not torch.allclose(plain, want, atol=1e-3)  # the mirror really changes the answer
 
 
-def test_calibrate_picks_blur_and_flip_on_validation_data(tmp_path: Path):
+def test_fit_temperature_recovers_an_overconfident_model():
+    from training.calibrate import fit_temperature
+    from training.metrics import expected_calibration_error
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(4000, 7, generator=g) * 1.5
+    labels = torch.multinomial(z.softmax(-1), 1, generator=g).squeeze(1)  # z is calibrated by construction
+    t = fit_temperature(z * 3.0, labels)  # a model three times too sure of itself
+    assert t == pytest.approx(3.0, rel=0.1)
+    assert expected_calibration_error((z * 3.0 / t).softmax(-1), labels) < 0.5 * expected_calibration_error(
+        (z * 3.0).softmax(-1), labels)
+
+
+def test_calibrate_stores_a_temperature_that_export_and_evaluation_apply(tmp_path: Path):
+    from export.torchscript import export_torchscript, load_scripted
     from training.calibrate import get_args_parser, main as calibrate
+    from training.engine import predict_logits
 
     torch.manual_seed(0)
-    save_weights(create_model("emo_resnet_s"), tmp_path / "w.pth")
+    model = create_model("emo_resnet_s")
+    with torch.no_grad():  # overconfident: calibration must soften it
+        model.fc.weight.mul_(50.0)
+    save_weights(model, tmp_path / "w.pth")
     faces = Path(__file__).parent / "fixtures" / "faces"
+    png = tmp_path / "rel.png"
     out = calibrate(get_args_parser().parse_args(
         ["--weights", str(tmp_path / "w.pth"), "--data", str(faces), "--out", str(tmp_path / "c.pth"),
-         "--sigmas", "0,2", "--tta-flip", "auto", "-j", "0"]))
-    assert set(out["acc_by_sigma"]) == {"0.0", "0.0 flip", "2.0", "2.0 flip"}
-    best = max(out["acc_by_sigma"].values())
-    assert out["acc"] == best
-    spec = load_model(tmp_path / "c.pth").spec
-    assert spec.extra["input_blur"] == out["input_blur"] in (0.0, 2.0)
-    assert bool(spec.extra.get("tta_flip")) == out["tta_flip"]
-    key = f"{out['input_blur']}{' flip' if out['tta_flip'] else ''}"
-    assert out["acc_by_sigma"][key] == best
+         "--tta-flip", "auto", "-j", "0", "--reliability-png", str(png)]))
+    assert out["temperature"] > 1 and out["ece_after"] <= out["ece_before"]
+    assert out["nll_after"] <= out["nll_before"] and png.stat().st_size > 1000
+    calibrated = load_model(tmp_path / "c.pth")
+    assert calibrated.spec.extra["temperature"] == pytest.approx(out["temperature"])
+    assert bool(calibrated.spec.extra.get("tta_flip")) == out["tta_flip"]
+    assert "input_blur" not in calibrated.spec.extra
+    calibrated.spec.extra.pop("tta_flip", None)
+    scripted, spec = load_scripted(export_torchscript(calibrated, calibrated.spec.to_dict(), tmp_path / "m.pt"))
+    x = torch.randn(5, 1, 48, 48)
+    with torch.inference_mode():
+        want = (model.eval()(x) / out["temperature"]).softmax(-1)
+        served, evaluated = scripted(x).softmax(-1), predict_logits(calibrated, x).softmax(-1)
+    assert torch.allclose(served, want, atol=1e-5) and torch.allclose(evaluated, want, atol=1e-5)
+    assert not torch.allclose(model(x).softmax(-1), want, atol=1e-3)
+
+
+def test_degradations_match_their_settings():
+    from training.augment import AugmentConfig, degrade, jpeg_round_trip
+
+    torch.manual_seed(0)
+    faces = torch.stack([to_uint8(Image.open(p), SPEC) for p in sorted(FACES.rglob("*.jpg"))[:8]])
+    off = AugmentConfig(rescale=0, jpeg=0, blur=0, gamma=0)
+    assert torch.equal(degrade(faces, off), faces.float() / 255)  # nothing asked, nothing changed
+    small = degrade(faces, AugmentConfig(rescale=1, rescale_px=(12, 12), jpeg=0, blur=0, gamma=0))
+    sharp = lambda x: (x[..., 1:] - x[..., :-1]).abs().mean()  # noqa: E731
+    assert sharp(small) < 0.6 * sharp(faces.float() / 255)  # a 12 px face has lost its detail
+    q20 = jpeg_round_trip(faces[0], 20)
+    assert q20.shape == faces[0].shape and 0 < (q20.float() - faces[0].float()).abs().mean() < 20
+    dark = degrade(faces, AugmentConfig(rescale=0, jpeg=0, blur=0, gamma=1, gamma_range=(1.5, 1.5)))
+    assert torch.allclose(dark, (faces.float() / 255).clamp_min(1e-6) ** 1.5, atol=1e-5)
+
+
+def test_ferplus_votes_give_soft_targets_and_majority_labels(tmp_path: Path):
+    from training.ferplus import majority_label, read_votes, soft_targets, with_ferplus_majority
+
+    files = sorted((FACES / "happy").glob("*.jpg")) + sorted((FACES / "sad").glob("*.jpg"))
+    cols = "file,neutral,happiness,surprise,sadness,anger,disgust,fear,contempt,unknown,NF"
+    rows = [f"train/happy/{files[0].name},2,8,0,0,0,0,0,0,0,0",   # happy majority
+            f"train/happy/{files[1].name},5,5,0,0,0,0,0,0,0,0",   # a tie: dropped
+            f"train/sad/{files[-1].name},0,0,0,3,0,0,0,0,0,7"]    # not a face: dropped, no soft target
+    (tmp_path / "votes.csv").write_text("\n".join([cols, *rows]) + "\n")
+    votes = read_votes(tmp_path / "votes.csv")
+    assert majority_label(votes[files[0].name]) == LABELS.index("happy")
+    assert majority_label(votes[files[1].name]) is None and majority_label(votes[files[-1].name]) is None
+    labels = [LABELS.index("neutral"), LABELS.index("happy"), LABELS.index("sad")]
+    t = soft_targets([files[0], files[1], files[-1]], labels, votes, label_weight=0.5)
+    assert t[0, LABELS.index("neutral")] == pytest.approx(0.5 + 0.5 * 0.2)
+    assert t[0, LABELS.index("happy")] == pytest.approx(0.5 * 0.8)
+    assert torch.allclose(t.sum(1), torch.ones(3))
+    assert t[2, LABELS.index("sad")] == pytest.approx(0.5 + 0.5)  # NF votes are not emotions
+    ds = with_ferplus_majority(ImageFolderDataset(FACES, SPEC), votes)
+    assert ds.files == [files[0]] and ds.labels == [LABELS.index("happy")]
+
+
+def test_lp_loss_on_the_video_model_refuses_with_a_clear_message(tmp_path: Path):
+    r = subprocess.run([sys.executable, "-m", "training.run", "--task", "video", "--data", str(tmp_path),
+                        "--lp-loss", "0.003", "--output-dir", str(tmp_path / "run")],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert "--lp-loss 0.003" in r.stderr and "emo_video_hybrid" in r.stderr and "Traceback" not in r.stderr

@@ -12,9 +12,11 @@ from PIL import Image
 from export.__main__ import main as export_main
 from model_defs import LABELS
 from tests import videoutil
-from tests.grpc_client import predict as grpc_predict
+from serving.grpc_client import predict as grpc_predict
+from tests.test_video_frames import group_pan
 from tests.test_video_handler import _same, video_checkpoint
-from tests.tsserver import running_server, send_together
+from serving import running_server
+from tests.tsserver import send_together
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -115,3 +117,15 @@ def test_corrupt_clip_in_a_batch_fails_alone(server):
     log = (server.workdir / "logs" / "model_log.log").read_text()
     batches = [tuple(map(int, m)) for m in re.findall(r"video batch of (\d+) requests: (\d+) clips, (\d+) failed", log)]
     assert any(n > 1 and failed == 1 for n, _, failed in batches), batches
+
+
+def test_rest_several_people_get_their_own_answers(server):
+    """A camera pan over a four-face photo: four tracked people, each with a top-3 and a timeline."""
+    r = post(server, data=group_pan()[0])
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    check_answer(answer, 40, timeline=True)
+    assert len(answer["people"]) == 4 and answer["people"][0]["top3"] == answer["top3"]
+    assert answer["faces"]["detected_frames"] < answer["faces"]["sampled_frames"]
+    for p in answer["people"]:
+        assert len(p["top3"]) == 3 and len(p["timeline"]) == len(answer["timeline"])

@@ -128,10 +128,14 @@ def _same(a: dict, b: dict, tol: float = 1e-5) -> bool:
 def test_short_clip_has_no_timeline(handler, model_dir):
     (answer,), status = run(handler, model_dir, [{"body": MP4.read_bytes()}])
     assert status == [200]
-    assert set(answer) == {"top3", "duration", "frames", "fps", "faces"}
+    assert set(answer) == {"top3", "duration", "frames", "fps", "faces", "people"}
     check_top3(answer["top3"])
     assert answer["frames"] == 25 and answer["fps"] == pytest.approx(25.0) and answer["duration"] == pytest.approx(1.0)
-    assert answer["faces"] == {"found_frames": 16, "sampled_frames": 16, "whole_frame": False}
+    faces = answer["faces"]
+    assert (faces["found_frames"], faces["sampled_frames"], faces["whole_frame"]) == (16, 16, False)
+    assert 0 < faces["detected_frames"] < 16  # keyframes only
+    (person,) = answer["people"]  # one face: one person, who is the main answer
+    assert person["top3"] == answer["top3"] and person["found_frames"] == 16
 
 
 def test_long_clip_has_a_timeline_and_the_face_leaves(handler, model_dir):
@@ -153,7 +157,8 @@ def test_long_clip_has_a_timeline_and_the_face_leaves(handler, model_dir):
 def test_no_face_anywhere_classifies_whole_frames(handler, model_dir):
     (answer,), status = run(handler, model_dir, [{"body": videoutil.encode(flat_clip([90] * 12, 96), "mp4")}])
     assert status == [200]
-    assert answer["faces"] == {"found_frames": 0, "sampled_frames": 12, "whole_frame": True}
+    assert answer["faces"]["found_frames"] == 0 and answer["faces"]["sampled_frames"] == 12
+    assert answer["faces"]["whole_frame"] is True and "people" not in answer
 
 
 class _Recorder:
@@ -213,11 +218,11 @@ def test_limits_and_detection_come_from_the_model_config(model_dir):
     h = EmotionVideoHandler()
     opts = {"max_duration_s": 3.0, "detection": "never", "window_seconds": 4.0, "optimize": False}
     h.initialize(make_context(model_dir, 1, opts))
-    assert h.detector is None and not h.optimized
+    assert h.pipeline.detector is None and not h.optimized
     ctx = make_context(model_dir, 2, opts)
     out = h.handle([{"body": MP4.read_bytes()}, {"body": MOV.read_bytes()}], ctx)
     assert [ctx.get_response_status(i)[0] for i in range(2)] == [200, 413]
-    assert out[0]["faces"] == {"found_frames": 0, "sampled_frames": 16, "whole_frame": True}
+    assert out[0]["faces"] == {"found_frames": 0, "sampled_frames": 16, "whole_frame": True, "detected_frames": 0}
     assert "3 s" in out[1]["message"]
 
 
@@ -233,7 +238,8 @@ import sys
 sys.path.insert(0, {str(model_dir)!r})
 sys.path = [p for p in sys.path if p not in ("", {str(Path.cwd())!r}, {str(Path(__file__).resolve().parents[1])!r})]
 import video_handler
-assert video_handler.video_decode.__name__ == "video_decode", video_handler.video_decode.__name__
+assert video_handler.video_pipeline.__name__ == "video_pipeline", video_handler.video_pipeline.__name__
+assert video_handler.video_pipeline.KeyframeTracker.__module__ == "video_track"
 assert "handlers" not in sys.modules
 print("ok")
 """

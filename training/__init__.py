@@ -1,4 +1,5 @@
 """Datasets, the training/evaluation engine and the Python SDK."""
-from .sdk import Emotion_Recognize, EmotionRecognizer
+from .sdk import EmotionRecognizer
+from .seed_sdk import Emotion_Recognize
 
 __all__ = ["EmotionRecognizer", "Emotion_Recognize"]

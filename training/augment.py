@@ -1,12 +1,16 @@
 """Batched augmentation on the training device (uint8 batch in, normalized float batch out)."""
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from torchvision.transforms.functional import gaussian_blur
 
 from handlers.preprocess import normalize
 
@@ -23,6 +27,16 @@ class AugmentConfig:
     mixup: float = 0.0  # alpha; 0 = off
     cutmix: float = 0.0  # alpha; 0 = off
     mix_prob: float = 0.5
+    # Degradations that match what the face detector hands over from real photos (each applied
+    # to a random share of the batch): a face shot at another resolution, JPEG, blur, exposure.
+    rescale: float = 0.5  # probability of a down/up-scale round trip
+    rescale_px: tuple[int, int] = (24, 96)  # the face's side in the photo, in pixels
+    jpeg: float = 0.3  # probability of a JPEG round trip
+    jpeg_quality: tuple[int, int] = (20, 95)
+    blur: float = 0.2  # probability of a Gaussian blur
+    blur_sigma: tuple[float, float] = (0.3, 1.2)  # in model pixels
+    gamma: float = 0.3  # probability of a gamma change
+    gamma_range: tuple[float, float] = (0.6, 1.6)
 
 
 def geometric(x: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
@@ -36,6 +50,43 @@ def geometric(x: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
     theta = torch.stack([torch.stack([cos * flip, -sin, tx], 1), torch.stack([sin * flip, cos, ty], 1)], 1)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _chosen(n: int, p: float) -> list[int]:
+    return torch.nonzero(torch.rand(n) < p).flatten().tolist() if p > 0 else []
+
+
+def jpeg_round_trip(img: torch.Tensor, quality: int) -> torch.Tensor:
+    """uint8 ``(C, H, W)`` through a JPEG encoder at ``quality`` and back (PIL, as photos are decoded)."""
+    arr = img.permute(1, 2, 0).numpy()
+    buf = io.BytesIO()
+    Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(buf, "JPEG", quality=quality)
+    out = np.asarray(Image.open(buf))
+    return torch.from_numpy(out.reshape(arr.shape).copy()).permute(2, 0, 1)
+
+
+def degrade(x: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
+    """uint8 ``(N, C, S, S)`` → float [0, 1], with photo-like degradations on random images:
+    a resolution round trip (the face was ``rescale_px`` wide), JPEG at a random quality, a
+    Gaussian blur and a gamma change."""
+    n, _, h, w = x.shape
+    x = x.clone()
+    for i in _chosen(n, cfg.rescale):
+        side = int(torch.randint(cfg.rescale_px[0], cfg.rescale_px[1] + 1, ()))
+        small = F.interpolate(x[i:i + 1].float(), size=(side, side), mode="bilinear", antialias=True)
+        x[i] = F.interpolate(small, size=(h, w), mode="bilinear", antialias=True).round().clamp(0, 255).to(x.dtype)
+    for i in _chosen(n, cfg.jpeg):
+        q = int(torch.randint(cfg.jpeg_quality[0], cfg.jpeg_quality[1] + 1, ()))
+        x[i] = jpeg_round_trip(x[i].cpu(), q).to(x.device)
+    for i in _chosen(n, cfg.blur):
+        x[i] = gaussian_blur(x[i:i + 1].float(), [5, 5], [float(torch.empty(1).uniform_(*cfg.blur_sigma))])[0].round().to(x.dtype)
+    out = x.float() / 255.0
+    idx = _chosen(n, cfg.gamma)
+    if idx:
+        lo, hi = math.log(cfg.gamma_range[0]), math.log(cfg.gamma_range[1])
+        g = torch.empty(len(idx), 1, 1, 1, device=x.device).uniform_(lo, hi).exp()
+        out[idx] = out[idx].clamp_min(1e-6) ** g
+    return out
 
 
 def photometric(x: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
@@ -61,8 +112,9 @@ def random_erase(x: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def mix(x: torch.Tensor, y: torch.Tensor, cfg: AugmentConfig, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mixup or CutMix on a batch; returns images and soft targets."""
-    target = F.one_hot(y, num_classes).float()
+    """Mixup or CutMix on a batch; ``y`` is class indices or ``(N, K)`` soft targets; returns
+    images and soft targets."""
+    target = y.float() if y.dim() == 2 else F.one_hot(y, num_classes).float()
     if (cfg.mixup <= 0 and cfg.cutmix <= 0) or float(torch.rand(())) > cfg.mix_prob:
         return x, target
     perm = torch.randperm(x.shape[0], device=x.device)
@@ -83,8 +135,8 @@ def mix(x: torch.Tensor, y: torch.Tensor, cfg: AugmentConfig, num_classes: int) 
 
 def train_batch(x: torch.Tensor, y: torch.Tensor, spec: Mapping[str, Any], cfg: AugmentConfig,
                 num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 batch → augmented, normalized float batch and soft targets."""
-    x = x.float() / 255.0
+    """uint8 batch → degraded, augmented, normalized float batch and soft targets."""
+    x = degrade(x, cfg)
     x = photometric(geometric(x, cfg), cfg)
     if cfg.erase > 0:
         x = random_erase(x, cfg.erase)

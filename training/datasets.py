@@ -6,14 +6,18 @@ batched on the training device (see ``training.augment``).
 """
 from __future__ import annotations
 
+import csv
 import logging
 import random
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset, Subset, TensorDataset
 
+from handlers.contract import DetectionMode
+from handlers.faces import DEFAULT_MARGIN, FaceDetector, largest_face
 from handlers.preprocess import decode_image, to_uint8
 from model_defs import LABELS
 
@@ -31,26 +35,37 @@ def label_index(name: str) -> int | None:
     return LABELS.index(key) if key in LABELS else None
 
 
-FaceCrop = Callable[[Any], Any]
+FaceCropFn = Callable[[Image.Image], Image.Image]
 """Maps a decoded RGB PIL image to the face image to classify (identity, or detect+align)."""
+
+
+def detected_face_crop(spec: Mapping[str, Any], device: str = "cpu", mode: DetectionMode = "auto",
+                       min_face_size: int = 20) -> FaceCropFn:
+    """The handler's detect-and-align step as a PIL → PIL function: ``handlers.faces.largest_face``
+    with the spec's size, margin and channels (the whole image when no face is found)."""
+    detector = FaceDetector(device=device, min_face_size=min_face_size) if mode != "never" else None
+    args = (int(spec["input_size"]), float(spec.get("face_margin") or 0.0) or DEFAULT_MARGIN, int(spec["channels"]))
+    return lambda img: largest_face(img, detector, mode, *args).image
 
 
 class _EncodedImages(Dataset):
     """Shared item loading: read file → decode → (optional face crop) → resize to the spec."""
 
     def __init__(self, files: Sequence[Path], labels: Sequence[int], spec: Mapping[str, Any],
-                 face_crop: FaceCrop | None = None) -> None:
+                 face_crop: FaceCropFn | None = None) -> None:
         self.files, self.labels = list(files), list(labels)
         self.spec, self.face_crop = dict(spec), face_crop
+        self.targets: torch.Tensor | None = None  # (N, K) soft targets to return instead of labels
+
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int | torch.Tensor]:
         img = decode_image(Path(self.files[i]).read_bytes())
         if self.face_crop is not None:
             img = self.face_crop(img)
-        return to_uint8(img, self.spec), self.labels[i]
+        return to_uint8(img, self.spec), (self.labels[i] if self.targets is None else self.targets[i])
 
     def class_counts(self) -> list[int]:
         return [self.labels.count(c) for c in range(len(LABELS))]
@@ -59,7 +74,7 @@ class _EncodedImages(Dataset):
 class ImageFolderDataset(_EncodedImages):
     """``root/<class>/<image>``; class folders named after ``LABELS`` (missing ones allowed)."""
 
-    def __init__(self, root: str | Path, spec: Mapping[str, Any], face_crop: FaceCrop | None = None) -> None:
+    def __init__(self, root: str | Path, spec: Mapping[str, Any], face_crop: FaceCropFn | None = None) -> None:
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"dataset folder not found: {root}")
@@ -111,7 +126,7 @@ class ListFileDataset(_EncodedImages):
     """The seed's list file: ``relative/path label`` per line (labels 0-6, or 1-7 with ``one_based``)."""
 
     def __init__(self, root: str | Path, list_file: str | Path, spec: Mapping[str, Any],
-                 one_based: bool = False, face_crop: FaceCrop | None = None) -> None:
+                 one_based: bool = False, face_crop: FaceCropFn | None = None) -> None:
         files, labels = read_list_file(root, list_file, one_based)
         super().__init__(files, labels, spec, face_crop)
 
@@ -130,9 +145,7 @@ class CsvImageDataset(_EncodedImages):
     Rows whose emotion is not one of ``LABELS`` are skipped with a warning.
     """
 
-    def __init__(self, csv_file: str | Path, spec: Mapping[str, Any], face_crop: FaceCrop | None = None) -> None:
-        import csv
-
+    def __init__(self, csv_file: str | Path, spec: Mapping[str, Any], face_crop: FaceCropFn | None = None) -> None:
         csv_file = Path(csv_file)
         files, labels, skipped = [], [], 0
         with csv_file.open(newline="") as f:
@@ -154,7 +167,7 @@ class CsvImageDataset(_EncodedImages):
         super().__init__(files, labels, spec, face_crop)
 
 
-def image_dataset(path: str | Path, spec: Mapping[str, Any], face_crop: FaceCrop | None = None) -> _EncodedImages:
+def image_dataset(path: str | Path, spec: Mapping[str, Any], face_crop: FaceCropFn | None = None) -> _EncodedImages:
     """An ImageFolder tree, or a folder/CSV file with ``labels.csv``-style labels."""
     path = Path(path)
     if path.is_file() and path.suffix.lower() == ".csv":

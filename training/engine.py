@@ -16,11 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from handlers.preprocess import normalize
-from model_defs import LABELS, FlipAverage, atomic_save, load_checkpoint, save_weights, unwrap
+from handlers.preprocess import LUMA_WEIGHTS, normalize
+from model_defs import atomic_save, checkpoint_dict, inference_model, load_checkpoint, save_weights, unwrap
 
 from .augment import AugmentConfig, train_batch
 from .losses import locality_preserving_loss, soft_cross_entropy
+from .metrics import classification_metrics, confusion_figure
 
 log = logging.getLogger(__name__)
 
@@ -60,41 +61,35 @@ def prepare_batch(x: torch.Tensor, spec: dict[str, Any], size: int | None = None
     size = size or int(spec["input_size"])
     if x.dim() == 4 and x.shape[-1] != size:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    if x.dim() == 4 and x.shape[1] != int(spec["channels"]):
-        x = x.mean(1, keepdim=True) if int(spec["channels"]) == 1 else x.expand(-1, 3, -1, -1)
+    if x.dim() == 4 and x.shape[1] != int(spec["channels"]):  # the luma of handlers.preprocess.to_grey
+        luma = torch.tensor(LUMA_WEIGHTS, dtype=x.dtype, device=x.device).view(1, 3, 1, 1) / 65536
+        x = (x * luma).sum(1, keepdim=True) if int(spec["channels"]) == 1 else x.expand(-1, 3, -1, -1)
     return x
 
 
-def predict_logits(model: nn.Module, x: torch.Tensor, tta_flip: bool = False) -> torch.Tensor:
-    """Logits, optionally averaged (as probabilities, returned as log-probs) over a mirror."""
-    return FlipAverage(model)(x) if tta_flip else model(x)
-
-
-def metrics_from_confusion(conf: torch.Tensor, top3_hits: int) -> dict[str, Any]:
-    """acc, acc_top3, n and per-class recall from a confusion matrix (rows = truth)."""
-    n = int(conf.sum())
-    per_class = {LABELS[i]: (float(conf[i, i] / conf[i].sum()) if conf[i].sum() else None)
-                 for i in range(len(LABELS))}
-    return {"acc": float(conf.diag().sum() / max(n, 1)), "acc_top3": top3_hits / max(n, 1), "n": n,
-            "per_class": per_class, "confusion": conf.tolist()}
+def predict_logits(model: nn.Module, x: torch.Tensor, tta_flip: bool | None = None) -> torch.Tensor:
+    """Logits as served (``model_defs.inference_model``: the spec's mirror averaging and
+    temperature); ``tta_flip`` overrides the spec's flag."""
+    return inference_model(unwrap(model), tta_flip)(x)
 
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader: Iterable, device: torch.device | str = "cpu",
-             tta_flip: bool = False, progress: bool = False) -> dict[str, Any]:
-    """Evaluate a classifier: acc, acc_top3, n, per-class recall, confusion matrix, loss."""
+             tta_flip: bool | None = None, progress: bool = False) -> dict[str, Any]:
+    """Evaluate a classifier as served (the spec's mirror averaging and temperature): acc,
+    acc_top3, n, per-class recall, confusion matrix, loss (NLL) and calibration error (ECE)."""
     model.eval()
     spec = unwrap(model).spec.to_dict()
-    conf = torch.zeros(len(LABELS), len(LABELS), dtype=torch.long)
-    top3, loss_sum = 0, 0.0
+    probs, labels, loss_sum = [], [], 0.0
     for x, y in tqdm(loader, desc="eval", disable=not progress, leave=False):
         x, y = prepare_batch(x.to(device), spec), torch.as_tensor(y).to(device)
         logits = predict_logits(model, x, tta_flip).float()
         loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-        top3 += int((logits.topk(3, -1).indices == y[:, None]).any(1).sum())
-        conf += torch.bincount((y * len(LABELS) + logits.argmax(-1)).cpu(),
-                               minlength=len(LABELS) ** 2).view(len(LABELS), len(LABELS))
-    out = metrics_from_confusion(conf, top3)
+        probs.append(logits.softmax(-1).cpu())
+        labels.append(y.cpu())
+    k = len(spec["labels"])
+    out = classification_metrics(torch.cat(probs) if probs else torch.empty(0, k),
+                                 torch.cat(labels) if labels else torch.empty(0, dtype=torch.long), spec["labels"])
     out["loss"] = loss_sum / max(out["n"], 1)
     return out
 
@@ -136,6 +131,17 @@ def class_weights(counts: list[int], mode: str) -> torch.Tensor | None:
     return w * (len(c) / w.sum())
 
 
+def lp_embedding(model: nn.Module) -> nn.Module:
+    """The layer whose input is the embedding the locality-preserving loss pulls together: the
+    classifier's dropout (``model.drop``) of the image networks. Raises ValueError for a network
+    without one (the video hybrid fuses two heads: it has no single embedding)."""
+    drop = getattr(unwrap(model), "drop", None)
+    if not isinstance(drop, nn.Dropout):
+        raise ValueError(f"the locality-preserving loss (--lp-loss) needs an image network with one embedding "
+                         f"before its classifier; {unwrap(model).spec.arch!r} has none")
+    return drop
+
+
 def train_one_epoch(model: nn.Module, loader: Iterable, opt: torch.optim.Optimizer, sched, cfg: FitConfig,
                     device: torch.device, scaler: torch.amp.GradScaler, weights: torch.Tensor | None,
                     epoch: int, show: bool) -> dict[str, float]:
@@ -149,21 +155,22 @@ def train_one_epoch(model: nn.Module, loader: Iterable, opt: torch.optim.Optimiz
     total, count = 0.0, 0
     captured: list[torch.Tensor] = []
     hook = None
-    if cfg.lp_loss > 0:  # the embedding is the input of the head's dropout in every registered net
-        hook = unwrap(model).drop.register_forward_hook(lambda m, inp, out: captured.append(inp[0]))
+    if cfg.lp_loss > 0:
+        hook = lp_embedding(model).register_forward_hook(lambda m, inp, out: captured.append(inp[0]))
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=not show, leave=False,
                mininterval=1 if sys.stderr.isatty() else 60)
     for x, y in bar:
         x, y = x.to(device, non_blocking=True), torch.as_tensor(y).to(device, non_blocking=True)
         if x.dtype == torch.uint8:
-            x, target = train_batch(x, y, spec, cfg.augment, len(LABELS))
+            x, target = train_batch(x, y, spec, cfg.augment, len(spec["labels"]))
         else:
-            x, target = prepare_batch(x, spec), F.one_hot(y, len(LABELS)).float()
+            x, target = prepare_batch(x, spec), (y.float() if y.dim() == 2 else F.one_hot(y, len(spec["labels"])).float())
         with torch.autocast(device.type, enabled=use_amp):
             logits = model(x)  # through the DDP wrapper, so gradients are synchronised
             loss = soft_cross_entropy(logits, target, cfg.label_smoothing, weights)
             if captured:
-                loss = loss + cfg.lp_loss * locality_preserving_loss(captured.pop(), y, cfg.lp_k)
+                labels = y.argmax(-1) if y.dim() == 2 else y
+                loss = loss + cfg.lp_loss * locality_preserving_loss(captured.pop(), labels, cfg.lp_k)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if cfg.grad_clip > 0:
@@ -231,10 +238,9 @@ def fit(model: nn.Module, train_loader, val_loader, cfg: FitConfig, device: torc
                 best = {k: ev[k] for k in ("acc", "acc_top3", "n", "per_class", "confusion")}
                 best["best_epoch"] = epoch
                 save_weights(model, out / cfg.best_name, metrics=best, **(extra_meta or {}))
-            atomic_save({"format": 1, "spec": unwrap(model).spec.to_dict(),
-                         "state_dict": unwrap(model).state_dict(), "optimizer": opt.state_dict(),
-                         "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                         "best": best, "history": history, "config": _plain(asdict(cfg))}, ckpt_path)
+            atomic_save(checkpoint_dict(model, optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+                                        scaler=scaler.state_dict(), epoch=epoch, best=best, history=history,
+                                        config=_plain(asdict(cfg))), ckpt_path)
             _log_epoch(writer, row, ev)
             log.info("epoch %d/%d loss %.4f val acc %.4f top3 %.4f (best %.4f @%d) %.0fs", epoch, cfg.epochs,
                      tr["loss"], ev["acc"], ev["acc_top3"], best["acc"], best["best_epoch"], row["seconds"])
@@ -264,30 +270,8 @@ def _log_epoch(writer, row: dict[str, Any], ev: dict[str, Any]) -> None:
     e = row["epoch"]
     for k in ("train_loss", "val_loss", "acc", "acc_top3", "lr"):
         writer.add_scalar(k.replace("_", "/", 1) if k.endswith("loss") else k, row[k], e)
-    writer.add_figure("confusion_matrix", confusion_figure(ev["confusion"]), e)
+    writer.add_figure("confusion_matrix", confusion_figure(ev["confusion"], ev["labels"]), e)
     writer.flush()
-
-
-def confusion_figure(conf: list[list[int]], title: str = "confusion matrix (rows: truth)"):
-    """A matplotlib figure of a row-normalized confusion matrix."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    c = torch.tensor(conf, dtype=torch.float32)
-    norm = c / c.sum(1, keepdim=True).clamp(min=1)
-    fig, ax = plt.subplots(figsize=(6, 5))
-    ax.imshow(norm.numpy(), cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(len(LABELS)), LABELS, rotation=45, ha="right")
-    ax.set_yticks(range(len(LABELS)), LABELS)
-    for i in range(len(LABELS)):
-        for j in range(len(LABELS)):
-            ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                    color="white" if norm[i, j] > 0.5 else "black")
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    fig.tight_layout()
-    return fig
 
 
 def setup_distributed() -> tuple[int, int, torch.device]:

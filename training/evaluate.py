@@ -2,6 +2,7 @@
 
     python -m training.evaluate --task image --data ../shared/data/fer2013/val
     python -m training.evaluate --task image --data ../shared/data/photos --detect-faces
+    python -m training.evaluate --task video --data ../shared/data/videos/labelled --pooling mean,window
 
 ``--data`` is an ImageFolder tree (``<class>/<image>``, missing classes allowed) or a folder
 with a ``labels.csv``. Preprocessing is the handler's own (``handlers.preprocess``), and with
@@ -17,14 +18,16 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from model_defs import load_model
+from model_defs import SHIPPED_WEIGHTS, load_model
 
+from .datasets import detected_face_crop, image_dataset
 from .engine import evaluate
+from .ferplus import read_votes, with_ferplus_majority
+from .metrics import confusion_figure
+from .video_eval import evaluate_videos, markdown as video_markdown
 
 log = logging.getLogger("training.evaluate")
 
-REPO = Path(__file__).resolve().parent.parent
-SHIPPED = {"image": REPO / "pretrain" / "emotion_image.pth", "video": REPO / "pretrain" / "emotion_video.pth"}
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -36,6 +39,18 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--detection", choices=["auto", "always"], default="auto",
                    help="with --detect-faces: auto (the handler's default: tight crops are classified "
                         "whole) or always (largest face of every photo that has one)")
+    p.add_argument("--ferplus", metavar="CSV",
+                   help="score against the FER+ crowd majority from this ferplus_votes.csv instead of the folder "
+                        "labels (ties and contempt/unknown/not-a-face majorities dropped)")
+    p.add_argument("--pooling", help="--task video: comma-separated poolings to compare on the same frames "
+                   "(mean = the per-frame baseline, confidence, window, peak; model = a clip model's own); "
+                   "default: the checkpoint's")
+    p.add_argument("--video-detection", choices=["auto", "always", "never"], default="auto",
+                   help="--task video: face detection as the handler does it (default auto)")
+    p.add_argument("--keyframe-every", type=int, default=0,
+                   help="--task video: detect on every k-th sampled frame (1 = every frame; 0 = the served default)")
+    p.add_argument("--labels-from-names", action="store_true",
+                   help="--task video: take each video's emotion from its file name (furious = angry, happy, ...)")
     p.add_argument("-b", "--batch-size", type=int, default=128)
     p.add_argument("-j", "--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=0)
@@ -44,53 +59,32 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return p
 
 
-def build_face_crop(spec: dict, device: str, mode: str = "auto", min_face_size: int = 20):
-    """The handler's detect-and-align step as a PIL → PIL function: the largest face.
-
-    Calls ``handlers.faces.faces_for_images`` exactly as the image handler does (same mode,
-    size, margin, channels and detector settings as the archive's defaults), and keeps the
-    first entry, which is the largest face. In mode ``auto`` a tight face crop or a photo
-    without a face is classified whole, as the handler does; in ``always`` a photo without a
-    face is classified whole too (an evaluation must score every image).
-    """
-    from handlers.faces import DEFAULT_MARGIN, FaceDetector, faces_for_images
-
-    detector = FaceDetector(device=device, min_face_size=min_face_size) if mode != "never" else None
-    args = (int(spec["input_size"]), float(spec.get("face_margin") or 0.0) or DEFAULT_MARGIN,
-            int(spec["channels"]))
-
-    def crop(img):
-        (crops,) = faces_for_images([img], detector, mode, *args)
-        if not crops:  # mode "always", no face found
-            (crops,) = faces_for_images([img], None, "never", *args)
-        return crops[0].image
-
-    return crop
-
-
 def main(args: argparse.Namespace) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    weights = Path(args.weights) if args.weights else SHIPPED[args.task]
+    weights = Path(args.weights) if args.weights else SHIPPED_WEIGHTS[args.task]
+    if args.task == "video":  # the serving pipeline, per pooling (training/video_eval.py)
+        out = evaluate_videos(args, weights)
+        out.update(weights=str(weights), data=str(args.data))
+        print(video_markdown(out))
+        print(json.dumps(out))
+        return out
     model = load_model(weights, map_location=args.device)
     spec = model.spec.to_dict()
-    if args.task == "video":
-        from .video_data import video_eval_dataset
-        ds = video_eval_dataset(args.data, spec, detect_faces=args.detect_faces, device=args.device)
-    else:
-        from .datasets import image_dataset
-        face_crop = build_face_crop(spec, args.device, args.detection) if args.detect_faces else None
-        ds = image_dataset(args.data, spec, face_crop)
+    face_crop = detected_face_crop(spec, args.device, args.detection) if args.detect_faces else None
+    ds = image_dataset(args.data, spec, face_crop)
+    if args.ferplus:
+        ds = with_ferplus_majority(ds, read_votes(args.ferplus))
     workers = 0 if args.detect_faces else args.workers
     loader = DataLoader(ds, batch_size=args.batch_size, num_workers=workers)
-    res = evaluate(model, loader, args.device, tta_flip=bool(spec.get("extra", {}).get("tta_flip")))
-    out = {k: res[k] for k in ("acc", "acc_top3", "n", "per_class", "confusion")}
+    res = evaluate(model, loader, args.device)  # as served: the spec's mirror averaging and temperature
+    out = {k: res[k] for k in ("acc", "acc_top3", "n", "ece", "per_class", "confusion")}
     out.update(weights=str(weights), data=str(args.data), detect_faces=args.detect_faces,
-               detection=args.detection if args.detect_faces else "never")
+               detection=args.detection if args.detect_faces else "never",
+               labels="ferplus_majority" if args.ferplus else "dataset")
     if args.confusion_png:
-        from .engine import confusion_figure
-        confusion_figure(out["confusion"], f"{spec['arch']} on {args.data} (acc {out['acc']:.3f})").savefig(
+        confusion_figure(out["confusion"], spec["labels"], f"{spec['arch']} on {args.data} (acc {out['acc']:.3f})").savefig(
             args.confusion_png, dpi=100)
     print(json.dumps(out))
     return out

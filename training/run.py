@@ -18,16 +18,14 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from model_defs import create_model, default_spec, list_models, load_checkpoint, unwrap
+from model_defs import DEFAULT_MODEL, create_model, default_spec, list_models, load_checkpoint
 
 from .augment import AugmentConfig
 from .datasets import ImageFolderDataset, ListFileDataset, cache_in_memory, random_subset
-from .engine import FitConfig, fit, is_main, setup_distributed
+from .ferplus import read_votes, soft_targets
+from .engine import FitConfig, fit, lp_embedding, is_main, setup_distributed
 
 log = logging.getLogger("training.run")
-
-DEFAULT_MODEL = {"image": "emo_resnet_s", "video": "emo_video_hybrid"}
-
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train an emotion recognition model", add_help=add_help)
@@ -38,6 +36,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--val-dir", help="validation folder (default DATA/val, else DATA/test)")
     p.add_argument("--train-list", help="list file 'relative/path label' (paths relative to --data)")
     p.add_argument("--val-list", help="list file for validation")
+    p.add_argument("--soft-labels", metavar="CSV",
+                   help="FER+ votes (ferplus_votes.csv): train on a mix of the folder label and the vote distribution")
+    p.add_argument("--label-weight", type=float, default=0.5,
+                   help="with --soft-labels: weight of the folder label's one-hot in the target (the rest: FER+ votes)")
+    p.add_argument("--pretrained", action="store_true",
+                   help="start from ImageNet weights (networks that have them, e.g. emo_mobilenet_v2)")
     p.add_argument("--one-based", action="store_true", help="list-file labels are 1-7 (RAF-DB) not 0-6")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("-b", "--batch-size", type=int, default=64)
@@ -98,6 +102,8 @@ def build_datasets(args: argparse.Namespace, spec: dict) -> tuple[Dataset, Datas
         return video_datasets(args, spec)
     tr, va = _image_datasets(args, spec)
     counts = tr.class_counts()
+    if args.soft_labels:
+        tr.targets = soft_targets(tr.files, tr.labels, read_votes(args.soft_labels), args.label_weight)
     if args.subset:
         tr, counts = random_subset(tr, tr.labels, args.subset, args.seed)
     if args.cache:
@@ -114,17 +120,19 @@ def main(args: argparse.Namespace) -> dict:
     name = args.model or DEFAULT_MODEL[args.task]
     if name not in list_models(args.task):
         raise SystemExit(f"unknown {args.task} model {name!r}; choose from {list_models(args.task)}")
-    model = create_model(name, default_spec(name))
+    model = create_model(name, default_spec(name), **({"pretrained": True} if args.pretrained else {}))
     if args.init:
         init = load_checkpoint(args.init)
         if args.task == "video" and init["spec"].get("task") == "image":
             model.load_frame_weights(init)  # the frame CNN starts from image weights
-            blur = init["spec"].get("extra", {}).get("input_blur")
-            if blur:  # and sees its inputs as it was calibrated to
-                model.spec.extra["input_blur"] = blur
             log.info("frame CNN initialised from image weights %s", args.init)
         else:
             log.info("initialised from %s (%s)", args.init, model.load_state_dict(init["state_dict"], strict=False))
+    if args.lp_loss > 0:
+        try:
+            lp_embedding(model)
+        except ValueError as e:
+            raise SystemExit(f"--lp-loss {args.lp_loss}: {e}") from e
     frozen = [n for n, p in model.named_parameters() if any(n.startswith(f) for f in args.freeze)]
     for n, p in model.named_parameters():
         p.requires_grad_(n not in frozen)
@@ -134,6 +142,10 @@ def main(args: argparse.Namespace) -> dict:
     spec = model.spec.to_dict()
     train_ds, val_ds, counts = build_datasets(args, spec)
     sampler = DistributedSampler(train_ds, shuffle=True) if world > 1 else None
+    if sampler is not None:
+        sampler.set_epoch(1)
+        log.info("rank %d/%d: epoch 1 shard of %d training items: %s", rank, world, len(sampler),
+                 json.dumps(sorted(sampler)))
     workers = 0 if args.cache else args.workers
     train_loader = DataLoader(train_ds, batch_size=args.batch_size, shuffle=sampler is None, sampler=sampler,
                               num_workers=workers, drop_last=True, pin_memory=device.type == "cuda",

@@ -1,113 +1,110 @@
-"""The seed's Python SDK, kept for its users: ``EmotionRecognizer`` (alias ``Emotion_Recognize``).
+"""The Python SDK: recognise emotions in images and clips, evaluate and train, from Python.
 
-A thin face over the one engine (``training.engine.fit`` / ``evaluate``), the model registry
-and the checkpoint format: the same networks, weights and preprocessing as ``training.run``,
-``training.evaluate`` and the TorchServe handlers. See ``docs/sdk.md``.
+    from training import EmotionRecognizer
+    r = EmotionRecognizer(video=False)           # the shipped image model
+    r.recognize("photo.jpg")                     # class index (face detection + alignment)
+    r.predict("photo.jpg")                       # top-3 [(label, probability), ...], calibrated
+    r.train(train_loader, test_loader, epochs=5) # fine-tune; best weights in runs/sdk/image/best.pth
+
+A thin face over the one engine (``training.engine.fit`` / ``evaluate``), the model registry and
+the checkpoint format: the same networks, weights, preprocessing (``handlers.preprocess``) and
+calibration (``model_defs.inference_model``) as ``training.run``, ``training.evaluate`` and the
+TorchServe handlers. The seed SDK's names and quirks (``Emotion_Recognize``, ``Video=``,
+``origin_*.pth`` weights) live in ``training.seed_sdk``. See ``docs/sdk.md``.
 
 Tensor convention (the seed's): a **float** tensor is what ``transforms.ToTensor()`` gives,
 RGB or grey values in ``[0, 1]``, not normalized, of any size; a **uint8** tensor holds pixel
-values ``0..255``. Either is converted here to the model's spec exactly as a decoded image is
-in serving (grey = ITU-R 601 luma as PIL's ``convert("L")``, antialiased bilinear resize to the
-spec's side, then the spec's mean/std). Images are ``(3, H, W)``; clips are ``(3, T, H, W)``.
-Clips built the seed's way (frames stacked ``(T, 3, H, W)`` then ``reshape``-d, not permuted,
-to ``(3, T, H, W)``) are recognised, because the seed's frames are grey copies in three
-channels, and put back in frame order.
+values ``0..255``. Either goes through ``handlers.preprocess.spec_uint8``, the one path that
+serving and training use. Images are ``(3, H, W)``; clips are ``(3, T, H, W)``.
 """
 from __future__ import annotations
 
 import logging
 import os
-import pickle
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
-import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
 
-from model_defs import LABELS, CheckpointError, ModelSpec, create_model, default_spec, list_models
+from handlers.contract import DETECTION_MODES
+from handlers.faces import FaceDetector, largest_face
+from handlers.preprocess import decode_image, normalize, spec_uint8, to_model_input, to_rgb
+from handlers.video_decode import read_clip, sample_indices
+from model_defs import (DEFAULT_MODEL, LABELS, SHIPPED_WEIGHTS, CheckpointError, ModelSpec, create_model,
+                        default_spec, is_checkpoint, list_models, load_file)
 
+from .datasets import label_index
 from .engine import FitConfig, evaluate, fit, predict_logits, setup_distributed
+from .video_data import clip_probs
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_WEIGHTS_DIR = REPO / "pretrain"
-"""Where ``origin_*`` weights are looked for and ``best_*`` weights are written (the seed's ``pretrain/``)."""
-SHIPPED_DIR = REPO / "pretrain"
-"""Where the project's shipped weights live."""
-DEFAULT_LOG_DIR = REPO / "runs" / "sdk"
-"""TensorBoard logs and the per-epoch training checkpoint go to ``<log_dir>/<task>``."""
-
-DEFAULT_MODEL = {"image": "emo_resnet_s", "video": "emo_video_hybrid"}
-ORIGIN = {"image": "origin_pic_model.pth", "video": "origin_video_model.pth"}
-SHIPPED = {"image": "emotion_image.pth", "video": "emotion_video.pth"}
-BEST = {"image": "best_pic_model.pth", "video": "best_video_model.pth"}
-
-RAF_DB_ORDER: tuple[str, ...] = ("surprise", "fear", "disgust", "happy", "sad", "angry", "neutral")
-"""RAF-DB's own numbering (its list files say 1-7 in this order; the seed subtracts 1)."""
-
-_LUMA = (0.299, 0.587, 0.114)  # PIL convert("L")
+DEFAULT_OUTPUT_DIR = Path(__file__).resolve().parent.parent / "runs" / "sdk"
+"""Training output (TensorBoard logs, checkpoint, best weights) goes to ``<output_dir>/<task>``."""
+BEST_NAME = "best.pth"
 _RANGE_SLACK = 0.02
 
 
 class EmotionRecognizer:
-    """Train, evaluate and run an emotion model from Python, the seed SDK's way.
+    """Recognise, evaluate and train an emotion model from Python.
 
     Args:
         video: recognise video clips (True, the seed's default) or still images.
-        pretrained: start from weights: ``<weights_dir>/origin_pic_model.pth`` or
-            ``origin_video_model.pth`` when present, else the shipped ``pretrain/emotion_image.pth``
-            / ``emotion_video.pth`` (a video model without video weights gets the image weights
-            in its frame network), else random initialisation with a warning.
+        pretrained: start from the shipped weights (``pretrain/emotion_<task>.pth``; a video
+            model without video weights gets the image weights in its frame network), else
+            random initialisation with a warning. Ignored when ``weights`` is given.
         n_gpu: 0 = CPU, 1 = one CUDA device; more = DistributedDataParallel, one process per
             GPU, started with ``torchrun --nproc-per-node N your_script.py``.
-        weights_dir: the seed's ``pretrain/`` folder (default: this repository's).
-        model: network name from the registry (default ``emo_resnet_s`` / ``emo_video_hybrid``).
-        log_dir: TensorBoard logs (default ``runs/sdk``; ``<log_dir>/<image|video>/tb``).
+        model: network name from the registry (default ``model_defs.DEFAULT_MODEL[task]``).
+        weights: a weights file to start from: our checkpoint format (its spec decides the
+            network) or a bare ``state_dict`` of ``model``.
+        output_dir: where training writes (default ``runs/sdk``; ``<output_dir>/<task>/``
+            holds ``tb/``, ``checkpoint.pth`` and ``best.pth``). Never the shipped weights.
         target_order: the class names of your label numbers 0-6, when they are not
-            ``model_defs.LABELS`` order (e.g. :data:`RAF_DB_ORDER` for RAF-DB list files). Targets
-            are mapped on the way in and ``recognize`` answers in your numbering.
+            ``model_defs.LABELS`` order. Targets are mapped on the way in and ``recognize``
+            answers in your numbering.
         face_detection: ``auto`` / ``always`` / ``never``, for files and PIL images only
             (tensors are taken as face crops), as in the handler.
-        Video, pretrain, nGPU: the seed's spellings of ``video``, ``pretrained``, ``n_gpu``.
     """
 
-    def __init__(self, video: bool | None = None, pretrained: bool | None = None, n_gpu: int | None = None, *,
-                 weights_dir: str | os.PathLike | None = None, model: str | None = None,
-                 log_dir: str | os.PathLike | None = None, target_order: Sequence[str] | None = None,
-                 face_detection: str = "auto", Video: bool | None = None, pretrain: bool | None = None,
-                 nGPU: int | None = None) -> None:
-        video = _alias("video", video, "Video", Video, True)
-        pretrained = _alias("pretrained", pretrained, "pretrain", pretrain, True)
-        n_gpu = int(_alias("n_gpu", n_gpu, "nGPU", nGPU, 0))
+    best_name = BEST_NAME
+
+    def __init__(self, video: bool = True, pretrained: bool = True, n_gpu: int = 0, *, model: str | None = None,
+                 weights: str | os.PathLike | None = None, output_dir: str | os.PathLike | None = None,
+                 target_order: Sequence[str] | None = None, face_detection: str = "auto") -> None:
         self.task = "video" if video else "image"
-        self.weights_dir = Path(weights_dir) if weights_dir is not None else Path(DEFAULT_WEIGHTS_DIR)
-        self.log_dir = (Path(log_dir) if log_dir is not None else Path(DEFAULT_LOG_DIR)) / self.task
-        if face_detection not in ("auto", "always", "never"):
-            raise ValueError(f"face_detection must be auto, always or never, not {face_detection!r}")
+        self.output_dir = Path(output_dir if output_dir is not None else DEFAULT_OUTPUT_DIR) / self.task
+        if face_detection not in DETECTION_MODES:
+            raise ValueError(f"face_detection must be one of {', '.join(DETECTION_MODES)}, not {face_detection!r}")
         self.face_detection = face_detection
         self._to_ours, self._from_ours = _label_maps(target_order)
-        self.distributed, self.device = _device(n_gpu)
+        self.distributed, self.device = _device(int(n_gpu))
         name = model or DEFAULT_MODEL[self.task]
         if name not in list_models(self.task):
             raise ValueError(f"unknown {self.task} model {name!r}; choose from {list_models(self.task)}")
-        net = self._initial_model(name, explicit=model is not None, pretrained=bool(pretrained))
+        if weights is not None:
+            log.info("loading weights %s", weights)
+            net = model_from_file(Path(weights), name, self.task, strict_arch=model is not None)
+        elif pretrained:
+            net = self._shipped_model(name)
+        else:
+            net = create_model(name, default_spec(name))
         self.net: nn.Module = net.to(self.device).eval()
         self.model: nn.Module = self.net
         if self.distributed:
             ids = [self.device] if self.device.type == "cuda" else None
             self.model = nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
-        self._detector = None
+        self._detector: FaceDetector | None = None
 
     # ------------------------------------------------------------------ public API
 
     @property
     def spec(self) -> ModelSpec:
-        """The model's spec (input size, channels, mean/std, labels, clip length)."""
+        """The model's spec (input size, channels, mean/std, labels, clip length, calibration)."""
         return self.net.spec
 
     @property
@@ -117,29 +114,29 @@ class EmotionRecognizer:
             return list(self.spec.labels)
         return [self.spec.labels[i] for i in self._to_ours]
 
+    @property
+    def best_weights(self) -> Path:
+        """Where :meth:`train` writes the best epoch's weights."""
+        return self.output_dir / self.best_name
+
     def train(self, train_loader: Iterable, test_loader: Iterable, epochs: int, learn_rate: float = 3e-5,
-              momentum: float = 0.9, weight_decay: float = 5e-4, *, weight_deacy: float | None = None
-              ) -> dict[str, Any]:
+              momentum: float = 0.9, weight_decay: float = 5e-4) -> dict[str, Any]:
         """Train or fine-tune on your loaders, evaluating on ``test_loader`` after every epoch.
 
         Loaders yield ``(input, target)`` batches: images ``(N, 3, H, W)`` or clips
         ``(N, 3, T, H, W)`` (see the module docstring for float/uint8), targets 0-6. Uses
         ``training.engine.fit`` (SGD with momentum, cosine schedule, the engine's batched
-        augmentation for images). TensorBoard logs go to ``<log_dir>/<task>/tb``; the best
-        epoch's weights to ``<weights_dir>/best_pic_model.pth`` / ``best_video_model.pth`` (the
-        project's checkpoint format, loadable by ``model_defs.load_model`` and ``export``), and
-        are loaded into this recognizer when training ends.
-
-        ``weight_deacy`` is the seed README's spelling of ``weight_decay``.
+        augmentation for images). TensorBoard logs and the per-epoch checkpoint go to
+        ``output_dir``; the best epoch's weights to :attr:`best_weights` (the project's
+        checkpoint format, loadable by ``model_defs.load_model`` and ``export``), and are loaded
+        into this recognizer when training ends.
 
         Returns:
             ``{'acc', 'acc_top3', 'best_epoch'}`` of the best epoch on ``test_loader``.
         """
-        if weight_deacy is not None:
-            weight_decay = weight_deacy
-        best_path = (self.weights_dir / BEST[self.task]).resolve()
+        best_path = self.best_weights.resolve()
         cfg = FitConfig(epochs=int(epochs), lr=learn_rate, momentum=momentum, weight_decay=weight_decay,
-                        tta_flip=self._tta, output_dir=str(self.log_dir),
+                        tta_flip=self._tta, output_dir=str(self.output_dir),
                         best_name=str(best_path))  # absolute: Path(output_dir) / best_name == best_path
         tr = _Batches(self._distributed_loader(train_loader), self._engine_batch, self._target)
         te = _Batches(test_loader, self._engine_batch, self._target)
@@ -151,8 +148,7 @@ class EmotionRecognizer:
             dist.broadcast_object_list(shared, src=0)
             result = shared[0]
         if best_path.exists():
-            state = _safe_load(best_path)
-            self.net.load_state_dict(state["state_dict"])
+            self.net.load_state_dict(load_file(best_path)["state_dict"])
         self.net.eval()
         log.info("best epoch %d: acc %.4f; weights in %s", result["best_epoch"], result["acc"], best_path)
         return {"acc": result["acc"], "acc_top3": result["acc_top3"], "best_epoch": result["best_epoch"]}
@@ -185,24 +181,16 @@ class EmotionRecognizer:
         Returns:
             an index into :attr:`labels` (``int``), or a list of them for a batch.
         """
-        if isinstance(x, (str, os.PathLike)):
-            return self._predict_normalized(self._file_input(Path(x))[None])[0]
-        if isinstance(x, Image.Image):
-            if self.task == "video":
-                raise ValueError("a video model needs a clip: a video file, a list of PIL frames or a tensor")
-            return self._predict_normalized(self._pil_input(x)[None])[0]
-        if isinstance(x, (list, tuple)) and x and all(isinstance(i, Image.Image) for i in x):
-            if self.task == "video":
-                return self._predict_normalized(self._frames_input(list(x))[None])[0]
-            return self._predict_normalized(torch.stack([self._pil_input(i) for i in x]))
-        x = torch.as_tensor(x)
-        single_dims = 4 if self.task == "video" else 3
-        if x.dim() not in (single_dims, single_dims + 1):
-            layout = "(3, T, H, W) or (N, 3, T, H, W)" if self.task == "video" else "(3, H, W) or (N, 3, H, W)"
-            raise ValueError(f"expected a {self.task} tensor {layout}, got shape {tuple(x.shape)}")
-        single = x.dim() == single_dims
-        preds = self._predict_normalized(self.model_input(x[None] if single else x))
+        batch, single = self._normalized_input(x)
+        preds = self._predict_normalized(batch)
         return preds[0] if single else preds
+
+    def predict(self, x: Any, k: int = 3) -> list[tuple[str, float]] | list[list[tuple[str, float]]]:
+        """The top-``k`` ``(label, probability)`` pairs (calibrated, as the service answers) for one
+        input of any form :meth:`recognize` takes, or a list of them for a batch."""
+        probs, single = self._probabilities(x)
+        top = [[(self.spec.labels[i], round(float(p), 6)) for p, i in zip(*row.topk(k))] for row in probs]
+        return top[0] if single else top
 
     def batch_recognize(self, input_loader: Iterable) -> dict[Any, int]:
         """Recognise every input of a loader of ``(input, filename)`` batches.
@@ -225,7 +213,7 @@ class EmotionRecognizer:
     def model_input(self, x: torch.Tensor) -> torch.Tensor:
         """A batch in the SDK's tensor convention → the normalized float batch the model takes."""
         u8 = self.to_spec_uint8(x)
-        return _normalize(u8.to(self.device), self.spec)
+        return normalize(u8.to(self.device), self.spec.to_dict())
 
     def to_spec_uint8(self, x: torch.Tensor) -> torch.Tensor:
         """A batch (images ``(N, C, H, W)`` or clips ``(N, C, T, H, W)``, float in [0, 1] or uint8)
@@ -234,18 +222,19 @@ class EmotionRecognizer:
         if self.task == "image":
             if x.dim() != 4:
                 raise ValueError(f"expected an image batch (N, C, H, W), got shape {tuple(x.shape)}")
-            return _blur(_image_uint8(x, int(spec.channels), int(spec.input_size)), spec)
+            return spec_uint8(_as_uint8(x), spec.to_dict())
         if x.dim() != 5:
             raise ValueError(f"expected a clip batch (N, C, T, H, W), got shape {tuple(x.shape)}")
-        x = _unscramble_seed_clips(x)
         n, c, t, h, w = x.shape
         if spec.clip_len and t != spec.clip_len:
-            from handlers.video_decode import sample_indices
             x = x[:, :, sample_indices(t, int(spec.clip_len))]
             t = x.shape[2]
-        frames = _blur(_image_uint8(x.transpose(1, 2).reshape(n * t, c, h, w), int(spec.channels),
-                                    int(spec.input_size)), spec)
+        frames = spec_uint8(_as_uint8(x.transpose(1, 2).reshape(n * t, c, h, w)), spec.to_dict())
         return frames.view(n, t, *frames.shape[1:]).transpose(1, 2).contiguous()
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(task={self.task!r}, model={self.spec.arch!r}, device={str(self.device)!r}, "
+                f"output_dir={str(self.output_dir)!r})")
 
     # ------------------------------------------------------------------ internals
 
@@ -253,27 +242,58 @@ class EmotionRecognizer:
     def _tta(self) -> bool:
         return bool(self.spec.extra.get("tta_flip"))
 
+    def _normalized_input(self, x: Any) -> tuple[torch.Tensor, bool]:
+        """Any input :meth:`recognize` takes → (normalized model batch, whether it was one input)."""
+        if isinstance(x, (str, os.PathLike)):
+            return self._file_input(Path(x))[None], True
+        if isinstance(x, Image.Image):
+            if self.task == "video":
+                raise ValueError("a video model needs a clip: a video file, a list of PIL frames or a tensor")
+            return self._pil_input(x)[None], True
+        if isinstance(x, (list, tuple)) and x and all(isinstance(i, Image.Image) for i in x):
+            if self.task == "video":
+                return self._frames_input(list(x))[None], True
+            return torch.stack([self._pil_input(i) for i in x]), False
+        x = torch.as_tensor(x)
+        single_dims = 4 if self.task == "video" else 3
+        if x.dim() not in (single_dims, single_dims + 1):
+            layout = "(3, T, H, W) or (N, 3, T, H, W)" if self.task == "video" else "(3, H, W) or (N, 3, H, W)"
+            raise ValueError(f"expected a {self.task} tensor {layout}, got shape {tuple(x.shape)}")
+        single = x.dim() == single_dims
+        return self.model_input(x[None] if single else x), single
+
+    def _probabilities(self, x: Any) -> tuple[torch.Tensor, bool]:
+        batch, single = self._normalized_input(x)
+        return self._batch_probabilities(batch), single
+
     def _engine_batch(self, x: torch.Tensor) -> torch.Tensor:
         """What the engine gets: uint8 images (so training uses the engine's augmentation);
         normalized float clips (the engine's uint8 augmentation is per image)."""
         x = torch.as_tensor(x)
         if self.task == "image":
             return self.to_spec_uint8(x)
-        return _normalize(self.to_spec_uint8(x), self.spec)
+        return normalize(self.to_spec_uint8(x), self.spec.to_dict(), channel_axis=-4)
 
     def _target(self, y: Any) -> torch.Tensor:
         y = torch.as_tensor(y).long()
         return y if self._to_ours is None else torch.as_tensor(self._to_ours)[y]
 
     @torch.inference_mode()
-    def _predict_normalized(self, x: torch.Tensor) -> list[int]:
+    def _batch_probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        """Calibrated probabilities of a normalized batch, as served (a per-frame video model pools
+        its frames: ``training.video_data.clip_probs``)."""
         self.net.eval()
-        preds = predict_logits(self.net, x.to(self.device), self._tta).argmax(-1).tolist()
+        x = x.to(self.device)
+        if self.task == "video":
+            return clip_probs(self.net, x, self._tta).cpu()
+        return predict_logits(self.net, x, self._tta).float().softmax(-1).cpu()
+
+    def _predict_normalized(self, x: torch.Tensor) -> list[int]:
+        preds = self._batch_probabilities(x).argmax(-1).tolist()
         return preds if self._from_ours is None else [self._from_ours[p] for p in preds]
 
     def _distributed_loader(self, loader: Iterable) -> Iterable:
         """Under DDP, give each process its own shard of a plain DataLoader's dataset."""
-        from torch.utils.data import DataLoader, DistributedSampler
         if not self.distributed or not isinstance(loader, DataLoader):
             return loader
         if isinstance(loader.sampler, DistributedSampler):
@@ -282,34 +302,28 @@ class EmotionRecognizer:
                           num_workers=loader.num_workers, collate_fn=loader.collate_fn,
                           pin_memory=loader.pin_memory, drop_last=loader.drop_last)
 
-    def _detector_or_none(self):
-        if self.face_detection == "never":
-            return None
-        if self._detector is None:
-            from handlers.faces import FaceDetector
+    def _detector_or_none(self) -> FaceDetector | None:
+        if self.face_detection != "never" and self._detector is None:
             self._detector = FaceDetector(device=self.device)
-        return self._detector
+        return self._detector if self.face_detection != "never" else None
 
     def _face_crops(self, images: list[Image.Image]) -> list[Image.Image]:
-        """The handler's detection and alignment: per image the largest face (or the whole image)."""
-        from handlers.faces import faces_for_images
-        spec = self.spec
-        per_image = faces_for_images(images, self._detector_or_none(), self.face_detection, int(spec.input_size),
-                                     spec.face_margin, int(spec.channels))
+        """Per image the face to classify: ``handlers.faces.largest_face`` (the handler's detection
+        and alignment); with ``face_detection='always'`` an image without a face is refused."""
+        spec, detector = self.spec, self._detector_or_none()
         crops = []
-        for i, faces in enumerate(per_image):
-            if not faces:
+        for i, img in enumerate(images):
+            crop = largest_face(img, detector, self.face_detection, int(spec.input_size), spec.face_margin,
+                                int(spec.channels))
+            if self.face_detection == "always" and not crop.detected:
                 raise ValueError(f"no face found in image {i} (face_detection='always')")
-            crops.append(faces[0].image)  # largest first
+            crops.append(crop.image)
         return crops
 
     def _pil_input(self, img: Image.Image) -> torch.Tensor:
-        from handlers.preprocess import to_model_input, to_rgb
         return to_model_input(self._face_crops([to_rgb(img)])[0], self.spec.to_dict())
 
     def _frames_input(self, frames: list[Image.Image]) -> torch.Tensor:
-        from handlers.preprocess import to_model_input, to_rgb
-        from handlers.video_decode import sample_indices
         clip_len = int(self.spec.clip_len) or len(frames)
         frames = [to_rgb(frames[i]) for i in sample_indices(len(frames), clip_len)]
         spec = self.spec.to_dict()
@@ -317,52 +331,32 @@ class EmotionRecognizer:
 
     def _file_input(self, path: Path) -> torch.Tensor:
         if self.task == "image":
-            from handlers.preprocess import decode_image
             return self._pil_input(decode_image(path.read_bytes()))
-        from handlers.video_decode import decode_frames, probe_video, sample_indices
-        info = probe_video(path)
-        idx = sample_indices(info.n_frames, int(self.spec.clip_len) or 16)
-        decoded = decode_frames(path, idx)
-        return self._frames_input([decoded[i] for i in idx])
+        return self._frames_input(read_clip(path, int(self.spec.clip_len) or 16).frames)
 
-    def _initial_model(self, name: str, explicit: bool, pretrained: bool) -> nn.Module:
-        if not pretrained:
-            return create_model(name, default_spec(name))
-        origin = self.weights_dir / ORIGIN[self.task]
-        if origin.is_file():
-            log.info("loading your weights %s", origin)
-            return _model_from_file(origin, name, self.task, strict_arch=explicit)
-        for d in dict.fromkeys([self.weights_dir, Path(SHIPPED_DIR)]):
-            path = d / SHIPPED[self.task]
-            if path.is_file():
-                ckpt = _safe_load(path)
-                arch = ckpt.get("spec", {}).get("arch") if isinstance(ckpt.get("spec"), Mapping) else None
-                if arch == name:
-                    log.info("loading shipped weights %s", path)
-                    return _model_from_file(path, name, self.task, strict_arch=True)
-                log.warning("%s holds %r weights, not %r: not used", path, arch, name)
+    def _shipped_model(self, name: str) -> nn.Module:
+        """The shipped weights for ``name``; a video model without them starts its frame network
+        from the shipped image weights; else random initialisation, with a warning."""
+        path = Path(SHIPPED_WEIGHTS[self.task])
+        if path.is_file():
+            ckpt = load_file(path)
+            arch = ckpt["spec"].get("arch") if is_checkpoint(ckpt) else None
+            if arch == name:
+                log.info("loading shipped weights %s", path)
+                return model_from_file(path, name, self.task, strict_arch=True)
+            log.warning("%s holds %r weights, not %r: not used", path, arch, name)
         model = create_model(name, default_spec(name))
-        if self.task == "video" and hasattr(model, "load_frame_weights"):
-            for d in dict.fromkeys([self.weights_dir, Path(SHIPPED_DIR)]):
-                path = d / SHIPPED["image"]
-                if path.is_file():
-                    try:
-                        model.load_frame_weights(_safe_load(path))
-                        log.warning("no video weights: the frame network starts from %s", path)
-                        return model
-                    except (ValueError, RuntimeError) as e:
-                        log.warning("image weights %s do not fit the frame network: %s", path, e)
-        log.warning("no pretrained %s weights found (looked for %s, then %s in %s): starting from random "
-                    "initialisation", self.task, origin, SHIPPED[self.task], self.weights_dir)
+        image_weights = Path(SHIPPED_WEIGHTS["image"])
+        if self.task == "video" and hasattr(model, "load_frame_weights") and image_weights.is_file():
+            try:
+                model.load_frame_weights(load_file(image_weights))
+                log.warning("no video weights: the frame network starts from %s", image_weights)
+                return model
+            except (ValueError, RuntimeError) as e:
+                log.warning("image weights %s do not fit the frame network: %s", image_weights, e)
+        log.warning("no pretrained %s weights found (looked for %s): starting from random initialisation",
+                    self.task, path)
         return model
-
-    def __repr__(self) -> str:
-        return (f"{type(self).__name__}(task={self.task!r}, model={self.spec.arch!r}, device={str(self.device)!r}, "
-                f"weights_dir={str(self.weights_dir)!r})")
-
-
-Emotion_Recognize = EmotionRecognizer
-"""The seed's name for :class:`EmotionRecognizer`."""
 
 
 # ---------------------------------------------------------------------- helpers
@@ -382,17 +376,10 @@ class _Batches:
             yield self.convert(x), self.target(y)
 
 
-def _alias(name: str, value: Any, seed_name: str, seed_value: Any, default: Any) -> Any:
-    if value is not None and seed_value is not None and value != seed_value:
-        raise TypeError(f"{name}={value!r} and {seed_name}={seed_value!r} disagree; pass one of them")
-    return next((v for v in (value, seed_value) if v is not None), default)
-
-
 def _label_maps(order: Sequence[str] | None) -> tuple[list[int] | None, list[int] | None]:
     """(your index → ours, our index → yours), or (None, None) for ``LABELS`` order."""
     if order is None:
         return None, None
-    from .datasets import label_index
     to_ours = [label_index(n) for n in order]
     if None in to_ours or sorted(to_ours) != list(range(len(LABELS))):
         raise ValueError(f"target_order must name each of {LABELS} once, got {tuple(order)}")
@@ -422,24 +409,10 @@ def _device(n_gpu: int) -> tuple[bool, torch.device]:
     return False, torch.device("cuda:0" if n_gpu >= 1 else "cpu")
 
 
-def _safe_load(path: Path) -> dict[str, Any]:
-    """``torch.load(weights_only=True)`` with the checkpoint module's errors."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path}: refused to load: it holds pickled Python objects, not just weights "
-                              f"(save a state_dict or use model_defs.save_weights)") from e
-    except (RuntimeError, EOFError) as e:
-        raise CheckpointError(f"{path}: not a readable checkpoint: {e}") from e
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: expected a checkpoint or state_dict, got {type(obj).__name__}")
-    return obj
-
-
-def _model_from_file(path: Path, name: str, task: str, strict_arch: bool) -> nn.Module:
+def model_from_file(path: Path, name: str, task: str, strict_arch: bool) -> nn.Module:
     """Our checkpoint (its spec decides the network) or a bare state_dict for network ``name``."""
-    obj = _safe_load(path)
-    if isinstance(obj.get("spec"), Mapping) and "state_dict" in obj:
+    obj = load_file(path)
+    if is_checkpoint(obj):
         spec = ModelSpec.from_dict(obj["spec"])
         if spec.task != task:
             raise CheckpointError(f"{path}: holds a {spec.task} model ({spec.arch}), this recognizer is for {task}")
@@ -461,72 +434,15 @@ def _model_from_file(path: Path, name: str, task: str, strict_arch: bool) -> nn.
     return model
 
 
-def _blur(x: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
-    """uint8 ``(N, C, H, W)`` through the spec's input low-pass, ``handlers.preprocess.low_pass``."""
-    if not float(spec.extra.get("input_blur", 0) or 0) > 0:
-        return x
-    from PIL import Image
-
-    from handlers.preprocess import low_pass
-
-    spec_dict = spec.to_dict()
-    out = []
-    for img in x.permute(0, 2, 3, 1).cpu().numpy():  # (H, W, C) each
-        pil = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
-        out.append(np.asarray(low_pass(pil, spec_dict)).reshape(img.shape))
-    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
-
-
-def _image_uint8(x: torch.Tensor, channels: int, size: int) -> torch.Tensor:
-    """``(N, C, H, W)`` float [0, 1] or uint8 → uint8 ``(N, channels, size, size)``."""
+def _as_uint8(x: torch.Tensor) -> torch.Tensor:
+    """``(N, C, H, W)`` float in [0, 1] (``ToTensor()``) or uint8 → uint8 pixels (rounded)."""
     if x.dtype == torch.uint8:
-        if x.shape[1] == channels and x.shape[-2:] == (size, size):
-            return x
-        x = x.float() / 255.0
-    elif x.is_floating_point():
-        lo, hi = (float(x.min()), float(x.max())) if x.numel() else (0.0, 0.0)
-        if lo < -_RANGE_SLACK or hi > 1 + _RANGE_SLACK:
-            raise ValueError(
-                f"float inputs must be in [0, 1] as transforms.ToTensor() gives them (values span "
-                f"[{lo:.3g}, {hi:.3g}]): drop Normalize from your transforms, or pass uint8 pixels")
-        x = x.float()
-    else:
-        raise TypeError(f"expected a float or uint8 tensor, got {x.dtype}")
-    c = x.shape[1]
-    if c != channels:
-        if c == 3 and channels == 1:
-            x = (x * torch.tensor(_LUMA, device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
-        elif c == 1 and channels == 3:
-            x = x.expand(-1, 3, -1, -1)
-        else:
-            raise ValueError(f"inputs have {c} channels; expected 1 (grey) or 3 (RGB)")
-    if x.shape[-2:] != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return (x * 255.0).round_().clamp_(0, 255).to(torch.uint8)
-
-
-def _unscramble_seed_clips(x: torch.Tensor) -> torch.Tensor:
-    """Undo the seed's ``video.reshape(C, D, H, W)`` of stacked ``(D, C, H, W)`` grey frames.
-
-    The seed's frames are grey copies in three channels, so read back as ``(D, 3, H, W)`` such a
-    clip has three equal channels; a clip in true ``(3, D, H, W)`` order has that property only
-    when all its frames are equal, and then both readings are the same clip.
-    """
-    if x.shape[1] != 3:
         return x
-    n, c, t, h, w = x.shape
-    out = x
-    for i in range(n):
-        frames = x[i].reshape(t, c, h, w)
-        if torch.equal(frames[:, 0], frames[:, 1]) and torch.equal(frames[:, 0], frames[:, 2]):
-            out = x.clone() if out is x else out
-            out[i] = frames.transpose(0, 1)
-    return out
-
-
-def _normalize(x: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
-    """uint8 ``(N, C, H, W)`` or ``(N, C, T, H, W)`` → float normalized by the spec's mean/std."""
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    mean = torch.tensor(spec.mean, dtype=torch.float32, device=x.device).view(shape)
-    std = torch.tensor(spec.std, dtype=torch.float32, device=x.device).view(shape)
-    return (x.float() / 255.0 - mean) / std
+    if not x.is_floating_point():
+        raise TypeError(f"expected a float or uint8 tensor, got {x.dtype}")
+    lo, hi = (float(x.min()), float(x.max())) if x.numel() else (0.0, 0.0)
+    if lo < -_RANGE_SLACK or hi > 1 + _RANGE_SLACK:
+        raise ValueError(
+            f"float inputs must be in [0, 1] as transforms.ToTensor() gives them (values span "
+            f"[{lo:.3g}, {hi:.3g}]): drop Normalize from your transforms, or pass uint8 pixels")
+    return (x.float() * 255.0).round_().clamp_(0, 255).to(torch.uint8)

@@ -13,11 +13,17 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+from torch import nn
 from torch.utils.data import Dataset
 
 from handlers.preprocess import to_model_input
+from handlers.video_pipeline import is_frame_model
+from handlers.video_pool import pool, pooling_from_spec
+from model_defs import unwrap
 
-from .datasets import ImageFolderDataset, cache_in_memory, random_subset
+from .datasets import ImageFolderDataset, detected_face_crop, cache_in_memory, random_subset
+from .engine import predict_logits
 from .video_datasets import ClipDataset, StillClipDataset, video_dataset
 
 
@@ -25,9 +31,7 @@ def frame_transform(spec: dict[str, Any], detect_faces: bool, device: str = "cpu
     """PIL frame → normalized ``(C, S, S)``: the largest aligned face (or the whole frame)."""
     if not detect_faces:
         return partial(to_model_input, spec=spec)
-    from .evaluate import build_face_crop
-
-    crop = build_face_crop(spec, device)
+    crop = detected_face_crop(spec, device)
     return lambda img: to_model_input(crop(img), spec)
 
 
@@ -63,3 +67,17 @@ def video_datasets(args: argparse.Namespace, spec: dict[str, Any]) -> tuple[Data
         raise SystemExit("--task video needs --val-dir or --data with a val/ folder")
     val = video_eval_dataset(val_src, spec, detect, list_file=args.val_list, one_based=args.one_based)
     return train, val, counts
+
+
+def clip_probs(model: nn.Module, clips: torch.Tensor, tta_flip: bool | None = None) -> torch.Tensor:
+    """Clip probabilities ``(N, K)`` for normalized clips ``(N, C, T, S, S)``, as served: a per-frame
+    video model scores each frame (the spec's mirror averaging and temperature) and pools them by
+    the spec's pooling (``handlers/video_pool.py``); a clip model scores the clip."""
+    spec = unwrap(model).spec.to_dict()
+    if not is_frame_model(spec):
+        return predict_logits(model, clips, tta_flip).float().softmax(-1)
+    n, c, t = clips.shape[:3]
+    frames = clips.permute(0, 2, 1, 3, 4).reshape(n * t, c, *clips.shape[3:])
+    probs = predict_logits(model, frames, tta_flip).float().softmax(-1).view(n, t, -1)
+    method, params = pooling_from_spec(spec)
+    return torch.stack([pool(p, spec["labels"], method, params) for p in probs])

@@ -30,7 +30,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from handlers.preprocess import InputError, decode_image, normalize, to_model_input
-from handlers.video_decode import VideoLimits, decode_frames, probe_video, sample_indices
+from handlers.video_decode import VideoLimits, read_clip, sample_indices
 from model_defs import LABELS
 
 from .datasets import IMAGE_EXTS, label_index, read_list_file
@@ -93,10 +93,7 @@ class ClipDataset(Dataset):
                 if not files:
                     raise ValueError(f"{src}: no frame images")
                 return [decode_image(files[j].read_bytes()) for j in sample_indices(len(files), self.clip_len, mode)]
-            info = probe_video(src, self.limits)
-            idx = sample_indices(info.n_frames, self.clip_len, mode)
-            decoded = decode_frames(src, idx, self.limits)
-            return [decoded[j] for j in idx]
+            return read_clip(src, self.clip_len, self.limits, mode).frames
         except InputError as e:
             raise ValueError(f"{src}: {e}") from e
 
@@ -149,6 +146,31 @@ def folder_clips(root: str | Path, spec: Mapping[str, Any], **kw: Any) -> ClipDa
                 labels.append(idx)
     if not sources:
         raise ValueError(f"no clips found under {root} (expected {root}/<class>/<video or frame folder>)")
+    return ClipDataset(sources, labels, spec, **kw)
+
+
+# Words in a file name that name an emotion (``furious_talk1_clip1.mp4`` is angry).
+NAME_WORDS: dict[str, str] = {"furious": "angry", "angry": "angry", "disgust": "disgust", "fear": "fear",
+                              "happy": "happy", "neutral": "neutral", "sad": "sad", "surprise": "surprise"}
+
+
+def label_from_name(name: str) -> int | None:
+    """The emotion a file name carries (one of :data:`NAME_WORDS` in it, exactly one emotion), else None."""
+    stem = Path(name).stem.lower()
+    found = {NAME_WORDS[w] for w in NAME_WORDS if w in stem}
+    return label_index(found.pop()) if len(found) == 1 else None
+
+
+def named_clips(folder: str | Path, spec: Mapping[str, Any], **kw: Any) -> ClipDataset:
+    """The videos in ``folder`` whose file names carry an emotion (:func:`label_from_name`)."""
+    sources, labels = [], []
+    for f in sorted(Path(folder).iterdir(), key=_natural_key):
+        idx = label_from_name(f.name) if f.suffix.lower() in VIDEO_EXTS else None
+        if idx is not None:
+            sources.append(f)
+            labels.append(idx)
+    if not sources:
+        raise ValueError(f"{folder}: no video whose name carries an emotion ({', '.join(NAME_WORDS)})")
     return ClipDataset(sources, labels, spec, **kw)
 
 

@@ -3,9 +3,9 @@
 The ``.proto`` files ship inside ``ts/frontend/model-server.jar``; :func:`load_stubs`
 extracts ``inference.proto`` and ``management.proto`` and compiles them with
 ``grpc_tools.protoc`` (``google/rpc/status.proto`` comes from googleapis-common-protos)
-into ``build/grpc_stubs/`` (git-ignored), once. From the command line::
+into ``build/grpc_stubs/`` (git-ignored), once (``make grpc-stubs``). From the command line::
 
-    .venv/bin/python -m tests.grpc_client --key-file key_file.json face.jpg
+    .venv/bin/python -m serving.grpc_client --key-file key_file.json face.jpg
 """
 from __future__ import annotations
 
@@ -26,13 +26,14 @@ PROTOS = ("inference.proto", "management.proto")
 
 
 def _jar_path() -> Path:
-    import ts
+    import ts  # here, not at the top: only stub generation needs TorchServe's jar
 
     return Path(ts.__file__).resolve().parent / "frontend" / "model-server.jar"
 
 
 def generate_stubs(out_dir: Path = STUB_DIR) -> Path:
     """Extract TorchServe's protos from its jar and compile them to Python into ``out_dir``."""
+    # here, not at the top: the protobuf compiler is heavy and only stub generation needs it
     import google.rpc.status_pb2  # noqa: F401  (googleapis-common-protos must be installed)
     import grpc_tools
     from grpc_tools import protoc
@@ -69,7 +70,7 @@ def load_stubs(out_dir: Path = STUB_DIR) -> dict[str, ModuleType]:
 
 def predict_raw(target: str, model: str, data: bytes, token: str | None, timeout: float = 60.0) -> Any:
     """One ``Predictions`` call; returns the ``PredictionResponse`` message."""
-    import grpc
+    import grpc  # here, not at the top: only gRPC calls need it (heavy)
 
     stubs = load_stubs()
     metadata = (("authorization", f"Bearer {token}"),) if token else None
@@ -85,7 +86,7 @@ def predict(target: str, model: str, data: bytes, token: str | None, timeout: fl
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tests.grpc_client", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m serving.grpc_client", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("file", type=Path, help="image (or video) to send")
     p.add_argument("--model", default="emotion_image")

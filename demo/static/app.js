@@ -1,0 +1,502 @@
+// Demo page of the emotion recognition service: photos, clips and the webcam through the
+// demo server's relay to TorchServe (demo/server.py). Plain JavaScript, no dependencies.
+'use strict';
+
+const $ = (id) => document.getElementById(id);
+const SVG = 'http://www.w3.org/2000/svg';
+const WEBCAM_INTERVAL_MS = 300; // a few frames a second to the image model
+const VIDEO_BOX_INTERVAL_MS = 400; // how often the playing video's face box is refreshed
+
+const state = { config: null, last: null, video: null, webcam: null, requests: 0 };
+window.demo = state; // for the browser test and the curious
+
+// --- talking to the service ---------------------------------------------------------------
+
+class ServiceError extends Error {}
+
+function describeError(status, body, text) {
+  const type = body && body.type ? body.type : '';
+  const msg = body && body.message ? body.message : (text || '').slice(0, 300) || `HTTP ${status}`;
+  if (type === 'InvalidKeyException' || /Token Authorization/i.test(msg)) {
+    return `TorchServe refused the inference key (${status} ${type}): ${msg}\n` +
+      `The demo server reads it from ${state.config ? state.config.key_file : 'key_file.json'} at every ` +
+      'request; TorchServe writes new keys each time it starts: is that the running server\'s key file?';
+  }
+  if (type === 'TorchServeUnreachable' || type === 'NoInferenceKey') return msg;
+  return `The service answered ${status}${type ? ' ' + type : ''}: ${msg}`;
+}
+
+async function predict(task, blob, filename) {
+  const model = state.config.models[task];
+  const form = new FormData();
+  form.append(task === 'video' ? 'video' : 'data', blob, filename || 'upload');
+  let response;
+  try {
+    response = await fetch(`/predictions/${encodeURIComponent(model)}`, { method: 'POST', body: form });
+  } catch (e) {
+    throw new ServiceError(`No answer from the demo server at ${location.origin} (is \`make demo\` still ` +
+      `running?): ${e.message}`);
+  }
+  const text = await response.text();
+  let body = null;
+  try { body = JSON.parse(text); } catch (e) { body = null; }
+  if (!response.ok) throw new ServiceError(describeError(response.status, body, text));
+  if (body === null || typeof body !== 'object') throw new ServiceError(`The service's answer is not JSON: ${text.slice(0, 200)}`);
+  state.requests += 1;
+  return body;
+}
+
+function showMessage(text) {
+  const box = $('message');
+  box.textContent = text;
+  box.hidden = !text;
+}
+
+function showAnswer(answer) {
+  state.last = answer;
+  $('raw-json').textContent = JSON.stringify(answer, null, 2);
+}
+
+// --- drawing ------------------------------------------------------------------------------
+
+function colorOf(label) {
+  return (state.config && state.config.colors[label]) || '#ffffff';
+}
+
+function topOf(entry) {
+  // the top-k list: "top3" today; any "top<k>" the service is configured with
+  const key = Object.keys(entry || {}).find((k) => /^top\d+$/.test(k) && Array.isArray(entry[k]));
+  return key ? entry[key] : [];
+}
+
+function pct(p) { return `${(100 * p).toFixed(1)}%`; }
+
+function el(tag, cls, text) {
+  const node = document.createElement(tag);
+  if (cls) node.className = cls;
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+// Boxes as positioned elements over an image or video of natural size (w, h).
+function drawBoxes(overlay, faces, w, h, labelFor) {
+  overlay.replaceChildren();
+  faces.forEach((face, i) => {
+    const [x1, y1, x2, y2] = face.box;
+    const { label, text } = labelFor(face, i);
+    const box = el('div', 'box');
+    box.dataset.index = String(i);
+    box.dataset.label = label || '';
+    box.style.left = `${(100 * x1) / w}%`;
+    box.style.top = `${(100 * y1) / h}%`;
+    box.style.width = `${(100 * (x2 - x1)) / w}%`;
+    box.style.height = `${(100 * (y2 - y1)) / h}%`;
+    box.style.setProperty('--c', colorOf(label));
+    if (y1 < 0.06 * h) box.classList.add('top-edge');
+    box.append(el('span', 'box-label', text));
+    overlay.append(box);
+  });
+}
+
+function faceLabel(face, i) {
+  const top = topOf(face)[0];
+  if (!top) return { label: '', text: `${i + 1}` };
+  return { label: top.label, text: `${i + 1} ${top.label} ${pct(top.probability)}` };
+}
+
+function bars(top) {
+  const list = el('div', 'bars');
+  for (const { label, probability } of top) {
+    const bar = el('div', 'bar');
+    bar.title = `${label}: ${pct(probability)}`;
+    bar.dataset.label = label;
+    bar.dataset.probability = String(probability);
+    const track = el('span', 'bar-track');
+    const fill = el('span', 'bar-fill');
+    fill.style.display = 'block';
+    fill.style.width = `${Math.max(0, Math.min(1, probability)) * 100}%`;
+    fill.style.setProperty('--c', colorOf(label));
+    track.append(fill);
+    bar.append(el('span', 'bar-name', label), track, el('span', 'bar-tip', pct(probability)));
+    list.append(bar);
+  }
+  return list;
+}
+
+function faceCards(list, overlay, faces) {
+  list.replaceChildren();
+  faces.forEach((face, i) => {
+    const item = el('li', 'face');
+    const what = face.detected === false ? 'the whole image' : `Face ${i + 1}`;
+    item.append(el('h3', '', `${what}${face.score !== undefined ? ` · detector score ${face.score.toFixed(3)}` : ''}`));
+    item.append(bars(topOf(face)));
+    item.addEventListener('mouseenter', () => overlay.children[i] && overlay.children[i].classList.add('hl'));
+    item.addEventListener('mouseleave', () => overlay.children[i] && overlay.children[i].classList.remove('hl'));
+    list.append(item);
+  });
+}
+
+function loaded(media, event) {
+  return new Promise((resolve) => {
+    const done = (ok) => { media.removeEventListener(event, yes); media.removeEventListener('error', no); resolve(ok); };
+    const yes = () => done(true);
+    const no = () => done(false);
+    media.addEventListener(event, yes);
+    media.addEventListener('error', no);
+  });
+}
+
+// --- photo --------------------------------------------------------------------------------
+
+async function onPhoto(file) {
+  showMessage('');
+  const img = $('photo-img');
+  const stage = $('photo-stage');
+  const note = $('photo-note');
+  $('photo-boxes').replaceChildren();
+  $('photo-faces').replaceChildren();
+  stage.dataset.state = 'busy';
+  note.textContent = `Sending ${file.name} to the image model…`;
+  const shown = loaded(img, 'load');
+  if (img.src) URL.revokeObjectURL(img.src);
+  img.src = URL.createObjectURL(file);
+  stage.hidden = false;
+  try {
+    const [answer, ok] = await Promise.all([predict('image', file, file.name), shown]);
+    showAnswer(answer);
+    const faces = Array.isArray(answer.faces) ? answer.faces : [];
+    if (ok) drawBoxes($('photo-boxes'), faces, img.naturalWidth, img.naturalHeight, faceLabel);
+    else stage.hidden = true;
+    faceCards($('photo-faces'), $('photo-boxes'), faces);
+    const det = answer.detection || {};
+    note.textContent = faces.length === 0 ? 'No face found.'
+      : det.whole_image ? 'Classified as a whole: it is a tight face crop already, or no face was found in it.'
+        : `${faces.length} face${faces.length > 1 ? 's' : ''} found, largest first. Hover a bar for its probability.`;
+  } catch (e) {
+    stage.hidden = true;
+    note.textContent = '';
+    showMessage(e.message);
+  } finally {
+    stage.dataset.state = 'done';
+  }
+}
+
+// --- video --------------------------------------------------------------------------------
+
+function windowsOf(answer) {
+  const timeline = Array.isArray(answer.timeline) ? answer.timeline : [];
+  return timeline.filter((w) => typeof w.start === 'number' && typeof w.end === 'number');
+}
+
+function windowAt(answer, t) {
+  // the window whose middle is nearest to t among those that hold t; the whole clip without a timeline
+  let best = null;
+  for (const w of windowsOf(answer)) {
+    if (t < w.start - 1e-6 || t > w.end + 1e-6) continue;
+    if (!best || Math.abs((w.start + w.end) / 2 - t) < Math.abs((best.start + best.end) / 2 - t)) best = w;
+  }
+  return best || { start: 0, end: answer.duration || 0, whole: true, ...answer };
+}
+
+function drawTimeline(answer) {
+  const svg = $('timeline');
+  svg.replaceChildren();
+  const labels = state.config.labels;
+  const W = 760, H = 240, left = 42, right = 12, top = 12, bottom = 30;
+  const duration = Math.max(answer.duration || 0, 1e-3);
+  const wins = windowsOf(answer);
+  const points = wins.length ? wins : [{ start: 0, end: duration, ...answer, whole: true }];
+  let ymax = 0;
+  for (const w of points) for (const t of topOf(w)) ymax = Math.max(ymax, t.probability);
+  ymax = Math.min(1, Math.max(0.2, Math.ceil(ymax * 5) / 5)); // ticks at multiples of 0.05
+  const x = (t) => left + ((W - left - right) * t) / duration;
+  const y = (p) => top + (H - top - bottom) * (1 - p / ymax);
+  const add = (parent, tag, attrs, text) => {
+    const node = document.createElementNS(SVG, tag);
+    for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, String(v));
+    if (text !== undefined) node.textContent = text;
+    parent.append(node);
+    return node;
+  };
+  for (let i = 0; i <= 4; i += 1) {
+    const p = (ymax * i) / 4;
+    add(svg, 'line', { class: 'grid', x1: left, x2: W - right, y1: y(p), y2: y(p) });
+    add(svg, 'text', { x: left - 6, y: y(p) + 4, 'text-anchor': 'end' }, p.toFixed(2));
+  }
+  const step = duration > 20 ? 5 : duration > 8 ? 2 : duration > 3 ? 1 : 0.5;
+  for (let t = 0; t <= duration + 1e-6; t += step) {
+    add(svg, 'text', { x: x(t), y: H - bottom + 16, 'text-anchor': 'middle' }, `${+t.toFixed(1)} s`);
+  }
+  add(svg, 'line', { class: 'axis', x1: left, x2: W - right, y1: y(0), y2: y(0) });
+  add(svg, 'line', { class: 'axis', x1: left, x2: left, y1: top, y2: y(0) });
+  // one line per label through the windows where the service reports it (its top-k)
+  const prob = (w, label) => { const t = topOf(w).find((e) => e.label === label); return t ? t.probability : null; };
+  const mid = (w) => (w.start + w.end) / 2;
+  for (const label of labels) {
+    let d = '';
+    let pen = false;
+    for (const w of points) {
+      const p = prob(w, label);
+      if (p === null) { pen = false; continue; }
+      d += `${pen ? 'L' : 'M'}${x(mid(w)).toFixed(1)},${y(p).toFixed(1)} `;
+      pen = true;
+    }
+    if (d) add(svg, 'path', { class: 'series', d, stroke: colorOf(label), 'data-label': label });
+  }
+  // one group per window: a hover band over its span and a point per reported label
+  points.forEach((w, i) => {
+    const g = add(svg, 'g', { class: w.whole ? 'overall' : 'window', 'data-index': i, 'data-start': w.start,
+      'data-end': w.end, 'data-top': (topOf(w)[0] || {}).label || '' });
+    add(g, 'title', {}, `${w.start.toFixed(2)}–${w.end.toFixed(2)} s: ` +
+      topOf(w).map((t) => `${t.label} ${pct(t.probability)}`).join(', '));
+    add(g, 'rect', { x: x(w.start), y: top, width: Math.max(1, x(w.end) - x(w.start)), height: y(0) - top });
+    for (const t of topOf(w)) {
+      add(g, 'circle', { cx: x(mid(w)), cy: y(t.probability), r: 3.5, fill: colorOf(t.label), 'data-label': t.label });
+    }
+  });
+  state.cursor = add(svg, 'line', { class: 'cursor', x1: x(0), x2: x(0), y1: top, y2: y(0) });
+  state.timelineX = x;
+  svg.onclick = (ev) => {
+    const video = $('video');
+    const box = svg.getBoundingClientRect();
+    const sx = ((ev.clientX - box.left) / box.width) * W;
+    const t = ((sx - left) / (W - left - right)) * duration;
+    if (Number.isFinite(video.duration)) video.currentTime = Math.max(0, Math.min(video.duration, t));
+  };
+  const legend = $('legend');
+  legend.replaceChildren();
+  for (const label of labels) {
+    const item = el('li');
+    const sw = el('span', 'swatch');
+    sw.style.background = colorOf(label);
+    item.append(sw, document.createTextNode(label));
+    legend.append(item);
+  }
+  $('timeline-figure').hidden = false;
+}
+
+function videoTick() {
+  const v = state.video;
+  const video = $('video');
+  if (!v || !v.answer) return;
+  const t = video.currentTime || 0;
+  if (state.cursor) {
+    const cx = state.timelineX(Math.min(t, v.answer.duration || t));
+    state.cursor.setAttribute('x1', cx);
+    state.cursor.setAttribute('x2', cx);
+  }
+  const w = windowAt(v.answer, t);
+  const top = topOf(w)[0];
+  const span = w.whole ? 'whole clip' : `window ${w.start.toFixed(1)}–${w.end.toFixed(1)} s`;
+  $('video-now').textContent = top ? `At ${t.toFixed(1)} s (${span}): ${top.label} ${pct(top.probability)}` : '';
+  // the video model uses the largest face of each frame: draw it with the current label
+  const faces = (v.faces || []).slice(0, 1);
+  const w0 = video.videoWidth, h0 = video.videoHeight;
+  if (w0 && h0) {
+    drawBoxes($('video-boxes'), faces, w0, h0, () => ({ label: top ? top.label : '',
+      text: top ? `${top.label} ${pct(top.probability)}` : '' }));
+  }
+}
+
+async function grabFrame(video) {
+  const canvas = document.createElement('canvas');
+  canvas.width = video.videoWidth;
+  canvas.height = video.videoHeight;
+  canvas.getContext('2d').drawImage(video, 0, 0);
+  return new Promise((resolve) => canvas.toBlob(resolve, 'image/jpeg', 0.9));
+}
+
+async function refreshVideoBox() {
+  const v = state.video;
+  const video = $('video');
+  if (!v || v.busy || !video.videoWidth || v.failed) return;
+  v.busy = true;
+  try {
+    const blob = await grabFrame(video);
+    const answer = await predict('image', blob, 'frame.jpg');
+    if (state.video === v) v.faces = (answer.faces || []).filter((f) => f.detected !== false);
+    videoTick();
+  } catch (e) {
+    v.failed = true; // one message, not one per frame
+    $('video-note').textContent = `Face boxes unavailable: ${e.message}`;
+  } finally {
+    v.busy = false;
+  }
+}
+
+async function onVideo(file) {
+  showMessage('');
+  if (state.video && state.video.timer) clearInterval(state.video.timer);
+  const v = { file, answer: null, faces: [], busy: false };
+  state.video = v;
+  const video = $('video');
+  const stage = $('video-stage');
+  stage.dataset.state = 'busy';
+  $('video-boxes').replaceChildren();
+  $('video-summary').replaceChildren();
+  $('video-summary-title').hidden = true;
+  $('video-now').textContent = '';
+  $('timeline-figure').hidden = true;
+  const note = $('video-note');
+  note.textContent = `Sending ${file.name} to the video model (about a second per few seconds of video)…`;
+  if (video.src) URL.revokeObjectURL(video.src);
+  const playable = loaded(video, 'loadeddata');
+  video.src = URL.createObjectURL(file);
+  stage.hidden = false;
+  try {
+    const answer = await predict('video', file, file.name);
+    if (state.video !== v) return;
+    v.answer = answer;
+    showAnswer(answer);
+    $('video-summary-title').hidden = false;
+    $('video-summary').replaceChildren(bars(topOf(answer)));
+    const people = Array.isArray(answer.people) ? answer.people : []; // per-person answers, when the service sends them
+    if (people.length > 1) {
+      const list = el('ol', 'faces');
+      people.forEach((p, i) => {
+        const item = el('li', 'face');
+        const span = typeof p.start === 'number' && typeof p.end === 'number' ? ` · ${p.start.toFixed(1)}–${p.end.toFixed(1)} s` : '';
+        item.append(el('h3', '', `Person ${i + 1}${i === 0 ? ' (main)' : ''}${span}`), bars(topOf(p)));
+        list.append(item);
+      });
+      $('video-summary').append(list);
+    }
+    drawTimeline(answer);
+    const n = windowsOf(answer).length;
+    const faces = answer.faces || {};
+    note.textContent = `${(answer.duration || 0).toFixed(2)} s, ${answer.frames} frames; ` +
+      (n ? `${n} timeline windows. ` : 'shorter than one window: one answer for the whole clip. ') +
+      (faces.whole_frame ? 'No face found: whole frames were classified.'
+        : `A face in ${faces.found_frames} of ${faces.sampled_frames} sampled frames.`);
+    if (await playable) {
+      await refreshVideoBox();
+      v.timer = setInterval(() => { if (!video.paused) refreshVideoBox(); }, VIDEO_BOX_INTERVAL_MS);
+    } else {
+      stage.hidden = true;
+      note.textContent += ' This browser cannot play this file; the timeline is the service\'s.';
+    }
+  } catch (e) {
+    note.textContent = '';
+    showMessage(e.message);
+  } finally {
+    stage.dataset.state = 'done';
+  }
+}
+
+// --- webcam -------------------------------------------------------------------------------
+
+async function webcamStep() {
+  const cam = state.webcam;
+  const video = $('webcam');
+  if (!cam || cam.busy || !video.videoWidth) return;
+  cam.busy = true;
+  try {
+    const answer = await predict('image', await grabFrame(video), 'webcam.jpg');
+    if (state.webcam !== cam) return;
+    showMessage('');
+    showAnswer(answer);
+    const faces = answer.faces || [];
+    drawBoxes($('webcam-boxes'), faces, video.videoWidth, video.videoHeight, faceLabel);
+    faceCards($('webcam-faces'), $('webcam-boxes'), faces);
+    cam.frames += 1;
+    $('webcam-stage').dataset.frames = String(cam.frames);
+  } catch (e) {
+    showMessage(e.message);
+  } finally {
+    cam.busy = false;
+  }
+}
+
+async function startWebcam() {
+  showMessage('');
+  if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
+    showMessage('This browser does not offer a webcam to this page (it needs http://127.0.0.1 or https).');
+    return;
+  }
+  let stream;
+  try {
+    stream = await navigator.mediaDevices.getUserMedia({ video: { width: 640, height: 480 }, audio: false });
+  } catch (e) {
+    showMessage(`No webcam: ${e.name}: ${e.message}`);
+    return;
+  }
+  const video = $('webcam');
+  video.srcObject = stream;
+  await video.play().catch(() => {});
+  $('webcam-stage').hidden = false;
+  $('webcam-start').disabled = true;
+  $('webcam-stop').disabled = false;
+  state.webcam = { stream, busy: false, frames: 0, timer: setInterval(webcamStep, WEBCAM_INTERVAL_MS) };
+  $('webcam-note').textContent = 'Live: boxes and labels follow the image model\'s answers.';
+}
+
+function stopWebcam() {
+  const cam = state.webcam;
+  if (!cam) return;
+  clearInterval(cam.timer);
+  cam.stream.getTracks().forEach((t) => t.stop());
+  state.webcam = null;
+  $('webcam').srcObject = null;
+  $('webcam-start').disabled = false;
+  $('webcam-stop').disabled = true;
+  $('webcam-note').textContent = 'Stopped.';
+}
+
+// --- wiring -------------------------------------------------------------------------------
+
+function fileInput(dropId, inputId, handler) {
+  const drop = $(dropId);
+  const input = $(inputId);
+  input.addEventListener('change', () => { if (input.files[0]) handler(input.files[0]); input.value = ''; });
+  drop.addEventListener('dragover', (ev) => { ev.preventDefault(); drop.classList.add('over'); });
+  drop.addEventListener('dragleave', () => drop.classList.remove('over'));
+  drop.addEventListener('drop', (ev) => {
+    ev.preventDefault();
+    drop.classList.remove('over');
+    const file = ev.dataTransfer.files[0];
+    if (file) handler(file);
+  });
+}
+
+function tabs() {
+  const buttons = document.querySelectorAll('.tabs button');
+  buttons.forEach((button) => button.addEventListener('click', () => {
+    buttons.forEach((b) => {
+      b.setAttribute('aria-selected', String(b === button));
+      $(b.dataset.panel).hidden = b !== button;
+    });
+    if (button.dataset.panel !== 'webcam-panel') stopWebcam();
+  }));
+}
+
+async function init() {
+  tabs();
+  try {
+    const r = await fetch('/config.json', { cache: 'no-store' });
+    if (!r.ok) throw new Error(`HTTP ${r.status}`);
+    state.config = await r.json();
+  } catch (e) {
+    $('status').textContent = '';
+    showMessage(`Cannot load the demo's settings from ${location.origin}/config.json (${e.message}): ` +
+      'is `make demo` running?');
+    return;
+  }
+  const c = state.config;
+  $('status').textContent = `TorchServe at ${c.inference_url}, models ${Object.values(c.models).join(' and ')}; ` +
+    `requests go through this page's server, which adds the key from ${c.key_file.split('/').pop()}.`;
+  if (c.error) showMessage(c.error);
+  fileInput('photo-drop', 'photo-input', onPhoto);
+  fileInput('video-drop', 'video-input', onVideo);
+  const video = $('video');
+  const tick = () => { videoTick(); if (!video.paused) requestAnimationFrame(tick); };
+  video.addEventListener('play', () => requestAnimationFrame(tick));
+  video.addEventListener('seeked', () => { videoTick(); refreshVideoBox(); });
+  video.addEventListener('timeupdate', videoTick);
+  $('webcam-start').addEventListener('click', startWebcam);
+  $('webcam-stop').addEventListener('click', stopWebcam);
+  document.body.dataset.ready = 'true';
+}
+
+window.addEventListener('error', (ev) => showMessage(`The page hit a bug: ${ev.message}`));
+window.addEventListener('unhandledrejection', (ev) => showMessage(`The page hit a bug: ${ev.reason}`));
+init();

@@ -1,0 +1,78 @@
+"""What the archive, the handlers and their callers agree on, in one place: plain constants.
+
+The handlers read their options from the archive's ``model-config.yaml`` (``handler:``
+section) over :data:`HANDLER_DEFAULTS`; ``export`` writes that section from the same
+defaults, so a handler started without the YAML (a test, a benchmark) runs with the served
+limits. No imports beyond the standard library: ``export``, ``model_defs`` and ``training``
+may import this module, and inside a ``.mar`` it sits flat beside the handler.
+"""
+from __future__ import annotations
+
+from types import MappingProxyType
+from typing import Any, Literal, Mapping, get_args
+
+SPEC_FILE = "spec.json"
+"""Name of the model's spec inside the TorchScript file (``torch.jit.save(_extra_files=...)``)."""
+
+DetectionMode = Literal["auto", "always", "never"]
+DETECTION_MODES: tuple[str, ...] = get_args(DetectionMode)
+"""Face detection: ``auto`` (faces, or the whole image when it is a face crop or has none),
+``always`` (faces only) and ``never`` (the whole image)."""
+
+MAX_IMAGE_PIXELS = 40_000_000
+"""Largest image a request may send (413 above): a 7300x5500 photo, more than any phone sends."""
+
+MAX_DETECT_SIDE = 1920
+"""Photos are downscaled for face detection to this longer side: a 20 px face (the smallest
+detected) in a 1920 px photo is 76 px in a 7300 px one."""
+
+VIDEO_DETECT_MAX_SIDE = 640
+"""Video frames are downscaled further for detection: detection on 48 sampled frames is most
+of a clip's serving time and MTCNN's cost grows with the pixels (pretrain/MODEL_CARD.md)."""
+
+MAX_REQUEST_BYTES = 64 * 1024 * 1024
+"""config.properties' ``max_request_size``: TorchServe answers 413 itself above it."""
+
+IMAGE_DEFAULTS: Mapping[str, Any] = MappingProxyType({
+    "topk": 3,
+    "threads": 0,  # 0: the machine's cores shared among maxWorkers workers
+    "detection": "auto",
+    "min_face_size": 20,  # pixels, in the image as detection sees it
+    "max_faces": 20,  # per image
+    "detect_max_side": MAX_DETECT_SIDE,
+    "max_pixels": MAX_IMAGE_PIXELS,
+    "optimize": True,  # MKLDNN graph on CPU, kept only if it gives the plain model's output
+    "half": True,  # float16 autocast on GPU, likewise
+})
+"""The image handler's options (``handlers/image_handler.py``)."""
+
+VIDEO_DEFAULTS: Mapping[str, Any] = MappingProxyType({
+    "topk": 3,
+    "threads": 0,
+    # limits on one video (handlers.video_decode.VideoLimits): 3,600 frames is 60 s at 60 fps
+    "max_bytes": MAX_REQUEST_BYTES,
+    "max_duration_s": 60.0,
+    "max_frames": 3600,
+    "max_pixels": 3840 * 2160,  # per frame (4K UHD)
+    # timeline: windows of window_seconds every window_stride seconds, at most max_windows
+    # (the stride grows for long videos)
+    "window_seconds": 2.0,
+    "window_stride": 2.0,
+    "max_windows": 30,
+    "detection": "auto",  # faces tracked through the video (the whole frame if it is one face crop)
+    "min_face_size": 20,  # pixels, in the frame as detection sees it (detect_max_side)
+    "detect_max_side": VIDEO_DETECT_MAX_SIDE,
+    # faces are detected on every keyframe_every-th sampled frame and tracked between keyframes;
+    # up to `refine` rounds of detection half-way between keyframes that disagree
+    # (handlers/video_track.py); at most max_people people per video get their own answer
+    "keyframe_every": 4,
+    "refine": 1,
+    "max_people": 8,
+    "pooling": "",  # a per-frame model's pooling (handlers/video_pool.py); "": the spec's own
+    "optimize": True,
+})
+"""The video handler's options (``handlers/video_handler.py``)."""
+
+HANDLER_DEFAULTS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
+    {"image": IMAGE_DEFAULTS, "video": VIDEO_DEFAULTS})
+"""Per task, the ``handler:`` section of its archive's ``model-config.yaml``."""

@@ -1,0 +1,285 @@
+"""End to end in a real browser: headless Chromium drives the demo page (demo/server.py) in
+front of a real TorchServe serving both archives; screenshots go to docs/ for the README.
+
+Needs Debian's ``chromium`` and ``chromium-driver`` (``make install`` installs them).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import av
+import pytest
+import requests
+
+from demo.server import DemoSettings, make_server, served_models
+from export.__main__ import main as export_main
+from model_defs import LABELS, SHIPPED_WEIGHTS
+from serving import running_server
+from tests.test_video_handler import video_checkpoint
+from tests.tsserver import image_weights
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = REPO / "docs"
+FIXTURES = Path(__file__).parent / "fixtures"
+GROUP = FIXTURES / "photos" / "group.jpg"
+CLIP = FIXTURES / "video" / "face_leaves_hevc_256x144.mov"  # HEVC: Chromium cannot play it
+VIDEO_WEIGHTS = SHIPPED_WEIGHTS["video"]
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--disable-dev-shm-usage", "--window-size=1280,1000", "--hide-scrollbars",
+                  "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
+                  "--autoplay-policy=no-user-gesture-required")
+WAIT_S = 60.0
+MODELS = served_models()  # task -> model name, as export names the archives
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def demo_server(settings: DemoSettings) -> Iterator[str]:
+    """The demo server in a thread; yields its base URL and always shuts it down."""
+    server = make_server(settings)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield settings.origin
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+def h264_copy(src: Path, dst: Path) -> Path:
+    """``src`` re-encoded as H.264 MP4 (same frames and rate), which Chromium can play."""
+    with av.open(str(src)) as inp, av.open(str(dst), "w") as out:
+        s_in = inp.streams.video[0]
+        s_out = out.add_stream("libx264", rate=s_in.average_rate)
+        s_out.width, s_out.height, s_out.pix_fmt = s_in.width, s_in.height, "yuv420p"
+        for frame in inp.decode(s_in):
+            out.mux(s_out.encode(frame.reformat(format="yuv420p")))
+        out.mux(s_out.encode())
+    return dst
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """TorchServe (image and video archives) + the demo server on a key file the tests control."""
+    tmp = tmp_path_factory.mktemp("demo-e2e")
+    store = tmp / "model_store"
+    video_ckpt = VIDEO_WEIGHTS if VIDEO_WEIGHTS.is_file() else video_checkpoint(tmp / "video.pth")
+    assert export_main(["--task", "image", "--checkpoint", str(image_weights(tmp)), "--out", str(store),
+                        "--workers", "1"]) == 0
+    assert export_main(["--task", "video", "--checkpoint", str(video_ckpt), "--out", str(store),
+                        "--workers", "1"]) == 0
+    with running_server(store, [f"{m}={m}.mar" for m in MODELS.values()], tmp / "server") as ts:
+        key_file = tmp / "key_file.json"
+        key_file.write_bytes((ts.workdir / "key_file.json").read_bytes())
+        settings = DemoSettings(host="127.0.0.1", port=free_port(), inference_url=ts.inference_url,
+                                key_file=key_file, models=MODELS,
+                                labels=tuple(LABELS))
+        with demo_server(settings) as url:
+            yield {"ts": ts, "url": url, "tmp": tmp, "key_file": key_file}
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
+        pytest.fail(f"{CHROMIUM} and {CHROMEDRIVER} are needed (Debian packages chromium, chromium-driver: "
+                    f"`make install` installs them)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)  # explicit paths: Selenium Manager downloads nothing
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    with tempfile.TemporaryDirectory(prefix="demo-chromium-") as profile:
+        options.add_argument(f"--user-data-dir={profile}")
+        driver = webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER)))
+        try:
+            yield driver
+        finally:
+            driver.quit()
+
+
+def ask_service(stack, model: str, path: Path) -> dict:
+    ts = stack["ts"]
+    r = requests.post(ts.predictions_url(model), headers=ts.auth(), data=path.read_bytes(), timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def wait_for(driver, condition: str, *args, timeout: float = WAIT_S):
+    """Poll a JavaScript expression (``return ...``) until it is truthy; return its value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = driver.execute_script(condition, *args)
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for: {condition}\nmessage on the page: {message(driver)!r}")
+        time.sleep(0.1)
+
+
+def open_page(driver, url: str, tab: str = "Photo") -> None:
+    driver.get(url + "/")
+    wait_for(driver, "return document.body.dataset.ready === 'true' || !document.getElementById('message').hidden")
+    driver.execute_script("[...document.querySelectorAll('.tabs button')].find(b => b.textContent === arguments[0])"
+                          ".click()", tab)
+
+
+def upload(driver, input_id: str, path: Path, stage_id: str) -> None:
+    driver.execute_script("document.getElementById(arguments[0]).dataset.state = ''", stage_id)
+    driver.find_element("id", input_id).send_keys(str(path))
+    wait_for(driver, "return document.getElementById(arguments[0]).dataset.state === 'done'", stage_id)
+
+
+def message(driver) -> str:
+    return driver.execute_script("const m = document.getElementById('message'); return m.hidden ? '' : m.textContent")
+
+
+def test_photo_gets_one_box_per_face_with_its_label(stack, browser):
+    expected = ask_service(stack, MODELS["image"], GROUP)
+    assert len(expected["faces"]) >= 4
+    open_page(browser, stack["url"])
+    upload(browser, "photo-input", GROUP, "photo-stage")
+    assert message(browser) == ""
+    assert browser.execute_script("return window.demo.last") == expected
+    img = browser.find_element("id", "photo-img")
+    natural_w = browser.execute_script("return arguments[0].naturalWidth", img)
+    scale = img.rect["width"] / natural_w
+    boxes = browser.find_elements("css selector", "#photo-boxes .box")
+    assert len(boxes) == len(expected["faces"])
+    for box, face in zip(boxes, expected["faces"]):
+        x1, y1, x2, y2 = face["box"]
+        r = box.rect
+        assert abs(r["x"] - (img.rect["x"] + x1 * scale)) < 2 and abs(r["y"] - (img.rect["y"] + y1 * scale)) < 2
+        assert abs(r["width"] - (x2 - x1) * scale) < 2 and abs(r["height"] - (y2 - y1) * scale) < 2
+        top = face["top3"][0]
+        assert box.get_attribute("data-label") == top["label"]
+        assert box.text.startswith(f"{int(box.get_attribute('data-index')) + 1} {top['label']}")
+    cards = browser.find_elements("css selector", "#photo-faces .face")
+    assert len(cards) == len(expected["faces"])
+    assert len(cards[0].find_elements("css selector", ".bar")) == 3
+    # hovering a bar shows its probability
+    from selenium.webdriver import ActionChains
+
+    bar = cards[0].find_elements("css selector", ".bar")[1]
+    tip = bar.find_element("css selector", ".bar-tip")
+    assert not tip.is_displayed()
+    ActionChains(browser).move_to_element(bar).perform()
+    assert tip.is_displayed() and tip.text == f"{100 * expected['faces'][0]['top3'][1]['probability']:.1f}%"
+    ActionChains(browser).move_by_offset(0, 400).perform()
+    browser.save_screenshot(str(DOCS / "demo_photo.png"))
+
+
+def timeline_points(driver) -> list[dict]:
+    return driver.execute_script(
+        "return [...document.querySelectorAll('#timeline g.window')].map(g => ({start: +g.dataset.start, "
+        "end: +g.dataset.end, top: g.dataset.top, points: g.querySelectorAll('circle').length}))")
+
+
+def check_timeline(driver, expected: dict) -> None:
+    points = timeline_points(driver)
+    assert len(points) == len(expected["timeline"]) >= 2
+    for point, window in zip(points, expected["timeline"]):
+        assert (point["start"], point["end"]) == (window["start"], window["end"])
+        assert point["top"] == window["top3"][0]["label"] and point["points"] == 3
+
+
+def test_clip_gets_a_timeline_with_one_point_per_window(stack, browser):
+    expected = ask_service(stack, MODELS["video"], CLIP)
+    open_page(browser, stack["url"], "Video")
+    upload(browser, "video-input", CLIP, "video-stage")  # HEVC: the page says it cannot play it
+    assert message(browser) == ""
+    assert browser.execute_script("return window.demo.last") == expected
+    check_timeline(browser, expected)
+    assert "cannot play" in browser.find_element("id", "video-note").text
+
+    # the same clip as H.264, which Chromium plays: box, label and cursor follow playback
+    mp4 = h264_copy(CLIP, stack["tmp"] / "face_leaves_h264.mp4")
+    expected = ask_service(stack, MODELS["video"], mp4)
+    upload(browser, "video-input", mp4, "video-stage")
+    assert message(browser) == ""
+    check_timeline(browser, expected)
+    def cursor_x() -> float:
+        return float(browser.execute_script("return document.querySelector('#timeline .cursor').getAttribute('x1')"))
+
+    start_x = cursor_x()
+    browser.execute_script("const v = document.getElementById('video'); v.currentTime = 1.0;")
+    wait_for(browser, "return document.querySelectorAll('#video-boxes .box').length === 1 && "
+                      "Math.abs(document.getElementById('video').currentTime - 1.0) < 0.05")
+    first = expected["timeline"][0]["top3"][0]
+    assert browser.find_element("css selector", "#video-boxes .box").get_attribute("data-label") == first["label"]
+    assert cursor_x() > start_x
+    assert browser.find_element("id", "video-now").text.startswith(f"At 1.0 s (window 0.0–2.0 s): {first['label']}")
+    browser.execute_script("document.getElementById('video').play()")
+    wait_for(browser, "return document.getElementById('video').currentTime > 1.5")
+    browser.execute_script("const v = document.getElementById('video'); v.pause(); v.currentTime = 1.0;")
+    wait_for(browser, "return document.querySelectorAll('#video-boxes .box').length === 1 && "
+                      "Math.abs(document.getElementById('video').currentTime - 1.0) < 0.05")
+    browser.save_screenshot(str(DOCS / "demo_video.png"))
+
+
+def test_corrupt_files_get_the_services_message(stack, browser):
+    bad_photo = stack["tmp"] / "truncated.jpg"
+    bad_photo.write_bytes(GROUP.read_bytes()[:5000])
+    open_page(browser, stack["url"])
+    upload(browser, "photo-input", bad_photo, "photo-stage")
+    text = message(browser)
+    assert text.startswith("The service answered 400 BadRequest: cannot decode image: corrupt or truncated"), text
+    assert browser.find_elements("css selector", "#photo-boxes .box") == []
+
+    bad_clip = stack["tmp"] / "truncated.mp4"
+    bad_clip.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(200))
+    open_page(browser, stack["url"], "Video")
+    upload(browser, "video-input", bad_clip, "video-stage")
+    text = message(browser)
+    assert text.startswith("The service answered 400 BadRequest: cannot decode video"), text
+
+
+def test_wrong_key_and_server_down_are_explained(stack, browser):
+    key_file: Path = stack["key_file"]
+    good = key_file.read_text()
+    keys = json.loads(good)
+    keys["inference"]["key"] = "not-the-key"
+    key_file.write_text(json.dumps(keys))
+    try:
+        open_page(browser, stack["url"])
+        upload(browser, "photo-input", GROUP, "photo-stage")
+        assert message(browser).startswith("TorchServe refused the inference key (400 InvalidKeyException)")
+    finally:
+        key_file.write_text(good)
+    down = DemoSettings(host="127.0.0.1", port=free_port(), inference_url=f"http://127.0.0.1:{free_port()}",
+                        key_file=key_file, models=MODELS,
+                        labels=tuple(LABELS))
+    with demo_server(down) as url:
+        open_page(browser, url)
+        upload(browser, "photo-input", GROUP, "photo-stage")
+        assert message(browser).startswith(f"no answer from TorchServe at {down.inference_url}")
+
+
+def test_webcam_frames_go_to_the_image_model(stack, browser):
+    """Chromium's fake camera (a moving test pattern, no face): frames are classified whole."""
+    open_page(browser, stack["url"], "Webcam")
+    browser.find_element("id", "webcam-start").click()
+    wait_for(browser, "return +(document.getElementById('webcam-stage').dataset.frames || 0) >= 3", timeout=30)
+    assert message(browser) == ""
+    answer = browser.execute_script("return window.demo.last")
+    assert answer["detection"]["whole_image"] is True and len(answer["faces"]) == 1
+    assert len(browser.find_elements("css selector", "#webcam-boxes .box")) == 1
+    browser.find_element("id", "webcam-stop").click()

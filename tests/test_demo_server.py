@@ -1,0 +1,131 @@
+"""The demo server (demo/server.py) on its own: loopback only, its own page only, and a relay
+that adds the key and hands back TorchServe's answer (a stand-in upstream records what it got)."""
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import requests
+
+from demo.server import DemoSettings, make_server, parse_args, served_models, settings_from_args
+from model_defs import LABELS
+
+MODELS = served_models()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running(server: ThreadingHTTPServer) -> Iterator[None]:
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+@pytest.fixture
+def upstream():
+    """A stand-in for TorchServe's inference API: records requests, answers 200 or a 400 JSON."""
+    seen: list[dict] = []
+
+    class Upstream(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            seen.append({"path": self.path, "auth": self.headers.get("Authorization"),
+                         "ctype": self.headers.get("Content-Type"), "body": body})
+            status, answer = (400, {"code": 400, "type": "BadRequest", "message": "bad"}) if body == b"bad" \
+                else (200, {"faces": []})
+            data = json.dumps(answer).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Upstream)
+    with running(server):
+        yield f"http://127.0.0.1:{server.server_address[1]}", seen
+
+
+def settings(tmp_path: Path, inference_url: str, key: str | None = "the-key") -> DemoSettings:
+    key_file = tmp_path / "key_file.json"
+    if key is not None:
+        key_file.write_text(json.dumps({"management": {"key": "m"}, "inference": {"key": key}}))
+    return DemoSettings(host="127.0.0.1", port=free_port(), inference_url=inference_url, key_file=key_file,
+                        models=MODELS, labels=tuple(LABELS), max_body=1000)
+
+
+def test_refuses_to_listen_beyond_loopback_unless_told(tmp_path):
+    s = settings(tmp_path, "http://127.0.0.1:1")
+    remote = DemoSettings(**{**s.__dict__, "host": "0.0.0.0"})
+    with pytest.raises(PermissionError, match="loopback only"):
+        make_server(remote)
+    make_server(remote, allow_remote=True).server_close()
+
+
+def test_defaults_come_from_config_properties():
+    s = settings_from_args(parse_args([]))
+    assert (s.host, s.port, s.inference_url) == ("127.0.0.1", 8090, "http://127.0.0.1:8080")
+    assert s.models == MODELS and s.labels == tuple(LABELS) and s.max_body == 64 * 1024 * 1024
+
+
+def test_relay_adds_the_key_and_returns_torchserves_answer(tmp_path, upstream):
+    url, seen = upstream
+    s = settings(tmp_path, url)
+    with running(make_server(s)):
+        base = s.origin
+        r = requests.post(f"{base}/predictions/{MODELS['image']}", files={"data": ("a.jpg", b"jpeg", "image/jpeg")})
+        assert r.status_code == 200 and r.json() == {"faces": []}
+        assert seen[-1]["path"] == f"/predictions/{MODELS['image']}" and seen[-1]["auth"] == "Bearer the-key"
+        assert seen[-1]["ctype"].startswith("multipart/form-data") and b"jpeg" in seen[-1]["body"]
+        r = requests.post(f"{base}/predictions/{MODELS['video']}", data=b"bad", headers={"Content-Type": "video/mp4"})
+        assert r.status_code == 400 and r.json()["message"] == "bad" and seen[-1]["ctype"] == "video/mp4"
+        # only the two models, within the size limit, from this page or no page
+        assert requests.post(f"{base}/predictions/other", data=b"x").status_code == 404
+        assert requests.post(f"{base}/models", data=b"x").status_code == 404
+        assert requests.post(f"{base}/predictions/{MODELS['image']}", data=b"x" * 1001).status_code == 413
+        r = requests.post(f"{base}/predictions/{MODELS['image']}", data=b"x", headers={"Origin": "http://evil.example"})
+        assert r.status_code == 403
+        r = requests.get(f"{base}/", headers={"Host": f"rebound.example:{s.port}"})
+        assert r.status_code == 403
+    assert len(seen) == 2
+
+
+def test_page_and_its_settings(tmp_path):
+    s = settings(tmp_path, "http://127.0.0.1:1", key=None)
+    with running(make_server(s)):
+        page = requests.get(f"{s.origin}/")
+        assert page.status_code == 200 and page.headers["Content-Type"] == "text/html; charset=utf-8"
+        assert "connect-src 'self';" in page.headers["Content-Security-Policy"] and "app.js" in page.text
+        assert requests.get(f"{s.origin}/app.js").headers["Content-Type"] == "text/javascript; charset=utf-8"
+        assert requests.get(f"{s.origin}/../server.py").status_code == 404
+        cfg = requests.get(f"{s.origin}/config.json").json()
+        assert cfg["labels"] == list(LABELS) and cfg["models"] == MODELS and set(cfg["colors"]) == set(LABELS)
+        assert cfg["key_found"] is False and "make serve" in cfg["error"] and "key" not in cfg
+
+
+def test_no_key_or_no_torchserve_is_a_readable_error(tmp_path):
+    s = settings(tmp_path, f"http://127.0.0.1:{free_port()}", key=None)
+    with running(make_server(s)):
+        r = requests.post(f"{s.origin}/predictions/{MODELS['image']}", data=b"x")
+        assert r.status_code == 503 and r.json()["type"] == "NoInferenceKey" and "make serve" in r.json()["message"]
+        s.key_file.write_text(json.dumps({"inference": {"key": "k"}}))
+        r = requests.post(f"{s.origin}/predictions/{MODELS['image']}", data=b"x")
+        assert r.status_code == 502 and r.json()["message"].startswith(f"no answer from TorchServe at {s.inference_url}")
