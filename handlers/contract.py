@@ -65,7 +65,7 @@ VIDEO_DEFAULTS: Mapping[str, Any] = MappingProxyType({
     # faces are detected on every keyframe_every-th sampled frame and tracked between keyframes;
     # up to `refine` rounds of detection half-way between keyframes that disagree
     # (handlers/video_track.py); at most max_people people per video get their own answer
-    "keyframe_every": 4,
+    "keyframe_every": 6,  # sampled frames: 1 s at 6 frames/s; 4, 6 and 8 scored alike (MODEL_CARD.md)
     "refine": 1,
     "max_people": 8,
     "pooling": "",  # a per-frame model's pooling (handlers/video_pool.py); "": the spec's own

@@ -83,6 +83,8 @@ def to_uint8(img: Image.Image, spec: Mapping[str, Any]) -> torch.Tensor:
     """A PIL image → the spec's ``(C, S, S)`` uint8 tensor, through :func:`spec_uint8`."""
     if img.mode not in ("L", "RGB"):
         img = img.convert("RGB")
+    if img.mode == "RGB" and int(spec["channels"]) == 1:
+        img = img.convert("L")  # PIL's C loop; bit-equal to to_grey (tests/test_preprocess_path.py)
     arr = np.asarray(img, dtype=np.uint8)
     arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
     return spec_uint8(torch.from_numpy(arr.copy()), spec)
@@ -96,6 +98,10 @@ def to_grey(x: torch.Tensor) -> torch.Tensor:
     """uint8 RGB ``(..., 3, H, W)`` → uint8 grey ``(..., 1, H, W)``, bit-equal to PIL's ``convert("L")``."""
     w = torch.tensor(LUMA_WEIGHTS, dtype=torch.int32, device=x.device).view(3, 1, 1)
     return ((x.to(torch.int32) * w).sum(-3, keepdim=True) + 0x8000).bitwise_right_shift(16).to(torch.uint8)
+
+
+PRE_SHRINK = 4
+"""Pictures more than this many times the model's side are box-averaged to about that first."""
 
 
 def spec_uint8(x: torch.Tensor, spec: Mapping[str, Any]) -> torch.Tensor:
@@ -115,8 +121,11 @@ def spec_uint8(x: torch.Tensor, spec: Mapping[str, Any]) -> torch.Tensor:
             raise ValueError(f"images have {x.shape[-3]} channels; expected 1 (grey) or 3 (RGB)")
     if tuple(x.shape[-2:]) == (size, size):
         return x.contiguous()
-    batch = x if x.dim() == 4 else x[None]
-    out = F.interpolate(batch.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    batch = (x if x.dim() == 4 else x[None]).float()
+    k = min(batch.shape[-2:]) // (PRE_SHRINK * size)
+    if k >= 2:  # a large picture: box-average by k first (cheap), the antialiased resize does the rest
+        batch = F.avg_pool2d(batch, k, k)
+    out = F.interpolate(batch, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     out = out.round_().clamp_(0, 255).to(torch.uint8)
     return out if x.dim() == 4 else out[0]
 

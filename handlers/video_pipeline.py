@@ -120,7 +120,7 @@ class VideoPipeline:
         mid = (w.start + w.end) / 2
         return [min(sampled, key=lambda i: abs(times[i] - t0 - mid))]
 
-    def read(self, idx: int, data: bytes | Any) -> VideoRequest:
+    def read(self, idx: int, data: video_decode.VideoSource) -> VideoRequest:
         """Probe within the limits, plan, decode the sampled frames in one pass."""
         plan: dict[str, Any] = {}
 
@@ -289,11 +289,12 @@ class VideoPipeline:
 
     def _timeline(self, p: Person) -> list[dict[str, Any]]:
         key = f"top{self.topk}"
-        return [{"start": round(w.start, 3), "end": round(w.end, 3), key: common.topk(row.tolist(), self.labels, self.topk)}
-                for w, row in zip(p.windows, p.probs[1:])]
+        return [{"start": round(w.start, 3), "end": round(w.end, 3),
+                 key: common.topk(row.tolist(), self.labels, self.topk)} for w, row in zip(p.windows, p.probs[1:])]
 
 
-def run_one(pipeline: VideoPipeline, data: Any, score: Callable[[torch.Tensor], torch.Tensor]) -> VideoRequest:
+def run_one(pipeline: VideoPipeline, data: video_decode.VideoSource,
+            score: Callable[[torch.Tensor], torch.Tensor]) -> VideoRequest:
     """One video through the pipeline with ``score`` (model inputs → probabilities); raises on bad input."""
     batch = VideoBatch(1)
     batch.requests.append(pipeline.read(0, data))

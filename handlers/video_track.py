@@ -5,9 +5,9 @@ Face detection is most of a video request's cost, so it runs on every ``every``-
 appears or leaves, or moved so far that its boxes overlap less than ``iou_confident``), the frame
 half-way between them is detected too, and so on for up to ``refine`` rounds (at most half as
 many frames as keyframes per round): detection follows the action and stays sparse where nothing
-changes. Tracks are linked across detections by box overlap after a constant-velocity prediction. Detections are then linked into tracks (one per person) by
-box overlap, and each track's box and landmarks are interpolated linearly between its
-detections, so every sampled frame in a track's span gets its own face to align.
+changes. Detections are then linked into tracks (one per person) by box overlap after a
+constant-velocity prediction, and each track's box and landmarks are interpolated linearly
+between its detections, so every sampled frame in a track's span gets its own face to align.
 
 The tracker only plans and links; the caller runs the detector, so that several videos' frames
 can be detected in one batch::

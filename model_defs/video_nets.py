@@ -1,4 +1,11 @@
-"""Video emotion networks: the hybrid CNN-RNN + C3D model after Fan et al. (ICMI 2016).
+"""Video emotion networks: the per-frame model (shipped) and the hybrid CNN-RNN + C3D model.
+
+``emo_video_frames`` is an image network run on every sampled frame's face, ``(N, C, S, S)`` in,
+logits out; the serving pipeline pools the frames of each clip (``handlers/video_pool.py``, the
+spec's ``extra["pooling"]``). Its spec is made from an image checkpoint's by
+:func:`video_spec_from_image` (``python -m training.video_from_image``).
+
+The hybrid, after Fan et al. (ICMI 2016), scores whole clips.
 
 Input clips are ``(N, C, T, H, W)`` (frames are face crops preprocessed like the image model's
 input). Two branches, fused by learned weights on their logits:
@@ -109,6 +116,17 @@ class HybridVideoNet(nn.Module):
         self.frame_cnn.load_state_dict(state)
 
 
+def with_frame_network(spec: ModelSpec, image_spec: Mapping[str, Any]) -> ModelSpec:
+    """A copy of video spec ``spec`` whose frame network is the image checkpoint's (its arch,
+    input size, channels, mean/std and face margin), so that its weights load."""
+    out = ModelSpec.from_dict(spec.to_dict())
+    out.extra = {**out.extra, "frame_arch": image_spec["arch"]}
+    out.input_size, out.channels = int(image_spec["input_size"]), int(image_spec["channels"])
+    out.mean, out.std = tuple(image_spec["mean"]), tuple(image_spec["std"])
+    out.face_margin = float(image_spec.get("face_margin") or 0.0)
+    return out
+
+
 _HYBRID_DEFAULTS = {"frame_arch": "emo_resnet_s", "hidden": 128, "bidirectional": True,
                     "c3d_widths": [16, 32, 64, 128]}
 
@@ -130,7 +148,7 @@ def emo_video_hybrid(spec: ModelSpec, **kw) -> nn.Module:
 # Spec keys of a per-frame video model that are not the frame network's own (everything else in
 # ``extra``, e.g. a calibrated temperature or mirror averaging, belongs to the frame network).
 FRAME_VIDEO_KEYS = ("frame_arch", "frame_model", "input_shape", "pooling", "pooling_params", "sample_fps",
-                    "max_sampled", "image_checkpoint")
+                    "max_sampled")
 
 
 def frame_spec_of(spec: ModelSpec) -> ModelSpec:

@@ -23,7 +23,7 @@ GROUP_BOXES = [[713.4, 279.8, 764.0, 352.3], [476.8, 231.5, 516.1, 281.9],
                [284.7, 178.4, 323.1, 226.0], [78.0, 220.1, 114.1, 265.3]]
 # A half-hidden face 19 px wide next to the second one: at the minimum size, may or may not count.
 GROUP_SMALL_BOX = [452.5, 228.1, 471.7, 257.3]
-# photo_tight.jpg: 350x350 news photo that is already a face crop.
+# photo_tight.jpg: 350x350 news photo that the face fills (still a photo: auto aligns its face).
 TIGHT_BOX = [45.5, 15.9, 306.0, 350.0]
 
 
@@ -139,16 +139,18 @@ def test_face_at_border(detector):
     assert np.asarray(crop.convert("L"))[:, :4].mean() > 40
 
 
-def test_tight_crop_classified_whole(detector):
+def test_a_photo_of_a_person_gets_the_aligned_face_in_auto_mode(detector):
+    """A 350x350 news photo that the face fills is still a photo: auto aligns its face, as
+    always does; only a face-crop-sized image (<= TIGHT_MAX_SIDE) is classified whole."""
     img = load("photo_tight.jpg")
     (faces,) = detector.detect([img])
     assert len(faces) == 1 and iou(faces[0].box, TIGHT_BOX) >= 0.5
-    assert F.is_tight_crop(img, faces)
-    assert not F.is_tight_crop(load("single_face.jpg"), detector.detect([load("single_face.jpg")])[0])
+    assert not F.is_tight_crop(img, faces)
+    assert F.is_tight_crop(img, []) and F.is_tight_crop(img.resize((48, 48)), faces)
     (auto,) = F.faces_for_images([img], detector, "auto", 48, 0, 1)
-    assert len(auto) == 1 and not auto[0].detected and auto[0].box == [0.0, 0.0, 350.0, 350.0]
     (always,) = F.faces_for_images([img], detector, "always", 48, 0, 1)
-    assert len(always) == 1 and always[0].detected and iou(always[0].box, TIGHT_BOX) >= 0.5
+    assert len(auto) == len(always) == 1 and auto[0].detected and iou(auto[0].box, TIGHT_BOX) >= 0.5
+    assert np.array_equal(np.asarray(auto[0].image), np.asarray(always[0].image))
 
 
 def test_faces_for_images_modes():

@@ -168,7 +168,11 @@ def test_colour_photo(handler, model_dir):
     path = sorted((Path(__file__).parent / "fixtures" / "colour").glob("*.jpg"))[0]
     got, status = run(handler, model_dir, [{"body": path.read_bytes()}])
     assert status == [200]
-    assert_answer(got[0], Image.open(path).size)
+    # a 250x250 colour news photo: a photo of a person, so its face is found and aligned
+    assert got[0]["detection"] == {"mode": "auto", "faces_detected": 1, "whole_image": False}
+    (face,) = got[0]["faces"]
+    assert face["detected"] and face["box"] != [0, 0, *Image.open(path).size]
+    assert_top3(face)
 
 
 def test_topk_format():
@@ -272,9 +276,9 @@ def test_single_face_box_and_tight_photo(handler, model_dir):
     assert status == [200, 200]
     (face,) = out[0]["faces"]
     assert face["detected"] and iou(face["box"], SINGLE_BOX) >= 0.5
-    # A news photo that is already a face crop: classified whole, and the answer says so.
-    assert out[1]["faces"][0]["box"] == [0, 0, 350, 350] and out[1]["faces"][0]["detected"] is False
-    assert out[1]["detection"] == {"mode": "auto", "faces_detected": 0, "whole_image": True}
+    # A news photo that the face fills is still a photo: its face is found and aligned.
+    assert out[1]["faces"][0]["detected"] is True and out[1]["faces"][0]["box"] != [0, 0, 350, 350]
+    assert out[1]["detection"] == {"mode": "auto", "faces_detected": 1, "whole_image": False}
 
 
 def test_no_face_image(handler, model_dir):

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from model_defs import DEFAULT_MODEL, LABELS, create_model, load_checkpoint, load_model, save_weights
 from handlers.preprocess import to_uint8
 from training.datasets import CsvImageDataset, ImageFolderDataset, ListFileDataset, cache_in_memory, image_dataset
-from training.engine import FitConfig, evaluate, fit, prepare_batch
+from training.engine import FitConfig, evaluate_model, fit, prepare_batch
 from training.augment import AugmentConfig, train_batch
 from training.losses import locality_preserving_loss
 
@@ -165,7 +165,7 @@ def test_evaluate_cli_prints_json_last_line(tmp_path: Path, odd_formats_tree: Pa
     assert res["n"] == 10 and 0 <= res["acc"] <= res["acc_top3"] <= 1
     assert set(res["per_class"]) == set(LABELS) and res["per_class"]["disgust"] is None
     # the same numbers as the engine on the same data (one preprocessing path)
-    direct = evaluate(load_model(weights), DataLoader(ImageFolderDataset(odd_formats_tree, SPEC), batch_size=4))
+    direct = evaluate_model(load_model(weights), DataLoader(ImageFolderDataset(odd_formats_tree, SPEC), batch_size=4))
     assert res["acc"] == pytest.approx(direct["acc"]) and res["confusion"] == direct["confusion"]
 
 
@@ -293,3 +293,19 @@ def test_lp_loss_on_the_video_model_refuses_with_a_clear_message(tmp_path: Path)
                        cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
     assert "--lp-loss 0.003" in r.stderr and "emo_video_hybrid" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_imagenet_start_folds_the_rgb_stem_to_grey():
+    import torchvision
+    from model_defs.image_nets import imagenet_mobilenet_v2_state
+
+    state = imagenet_mobilenet_v2_state()  # from the installed wheel; nothing is downloaded
+    net = create_model("emo_mobilenet_v2", pretrained=True)
+    assert torch.allclose(net.features[0][0].weight, state["features.0.0.weight"].sum(1, keepdim=True))
+    assert torch.equal(net.features[5].conv[1][0].weight, state["features.5.conv.1.0.weight"])
+    # a grey picture copied to RGB gives the same first-layer output as the folded stem
+    rgb_stem = torchvision.models.mobilenet_v2().features[0][0]
+    rgb_stem.weight.data.copy_(state["features.0.0.weight"])
+    x = torch.rand(2, 1, 64, 64)
+    assert torch.allclose(rgb_stem(x.expand(-1, 3, -1, -1)), net.features[0][0](x), atol=1e-5)
+    assert create_model("emo_mobilenet_v2").features[0][0].weight.abs().sum() != net.features[0][0].weight.abs().sum()

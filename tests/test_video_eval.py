@@ -9,6 +9,8 @@ import pytest
 
 from export.__main__ import main as export_main
 from handlers.video_handler import EmotionVideoHandler
+from handlers.video_pool import pooling_from_spec
+from model_defs import SHIPPED_WEIGHTS, load_checkpoint
 from tests.handler_context import make_context, run_handler
 from tests.test_video_frames import image_checkpoint
 from tests.test_video_handler import video_checkpoint
@@ -77,3 +79,20 @@ def test_a_clip_model_is_scored_by_its_own_pooling(labelled, tmp_path):
                                         "--pooling", "window"])
     with pytest.raises(SystemExit, match="takes model"):
         evaluate_main(bad)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (LABELLED / "labels.csv").is_file(), reason=f"{LABELLED} not found (../shared/data is not here)")
+def test_shipped_video_model_on_the_labelled_clips():
+    """Issue 13's bar on the 12 real clips, with the shipped defaults: at least 9/12, at least 5
+    classes predicted, no worse than the per-frame mean of the same frames, and keyframe
+    tracking no worse than detection on every sampled frame."""
+    pooling = pooling_from_spec(load_checkpoint(SHIPPED_WEIGHTS["video"])["spec"])[0]
+    common = ["--task", "video", "--data", str(LABELLED), "--device", "cpu"]
+    served = evaluate_main(get_args_parser().parse_args(common + ["--pooling", f"{pooling},mean"]))
+    every = evaluate_main(get_args_parser().parse_args(common + ["--pooling", pooling, "--keyframe-every", "1"]))
+    acc = served["results"][pooling]["acc"]
+    assert acc >= 9 / 12, served["clips"]
+    assert len({c[pooling] for c in served["clips"]}) >= 5
+    assert acc >= served["results"]["mean"]["acc"]  # the per-frame baseline, same frames
+    assert acc >= every["results"][pooling]["acc"]  # tracking vs detection on every sampled frame

@@ -14,14 +14,15 @@ from export.__main__ import main as export_main
 from export.torchscript import load_scripted
 from handlers.video_handler import EmotionVideoHandler
 from handlers.video_pool import pool
-from model_defs import LABELS, ModelSpec, create_model, load_checkpoint, save_weights
+from model_defs import LABELS, ModelSpec, create_model, load_checkpoint, load_model, save_weights
 from tests import videoutil
 from tests.handler_context import make_context, run_handler as run
+from training.video_data import clip_probs
 from training.video_from_image import build
 
 FIXTURES = Path(__file__).parent / "fixtures"
 MP4 = FIXTURES / "video" / "mead_happy_1s_128.mp4"
-GROUP = FIXTURES / "photos" / "group.jpg"  # four faces
+GROUP = FIXTURES / "photos" / "group.jpg"  # four faces (and one in profile in the background)
 GROUP_FIRST_FACE = [713, 280, 764, 352]  # README: the first face's box in the photo
 
 
@@ -126,24 +127,28 @@ def group_pan(n: int = 40, fps: int = 10) -> tuple[bytes, list[int]]:
 
 
 def test_several_faces_are_tracked_as_separate_people(handler, model_dir):
+    """Four faces in full view, and a fifth in profile in the background that the detector finds
+    on some frames only: the four are tracked throughout, the fifth (if kept) comes last."""
     data, offsets = group_pan()
     (answer,), status = run(handler, model_dir, [{"body": data}])
     assert status == [200], answer
     people = answer["people"]
-    assert len(people) == 4
+    assert len(people) in (4, 5)
     faces = answer["faces"]
     assert faces["detected_frames"] < faces["sampled_frames"] == 24  # keyframes, not every frame
-    boxes = [p["box"] for p in people]
-    for i, a in enumerate(boxes):  # four different places
+    boxes = [p["box"] for p in people[:4]]
+    for i, a in enumerate(boxes):  # different places (the one in profile is partly behind another)
         for b in boxes[i + 1:]:
             assert min(a[2], b[2]) <= max(a[0], b[0]) or min(a[3], b[3]) <= max(a[1], b[1])
     # the README's first face, in frame coordinates (the pan moves it left by the mean offset)
     shift = sum(offsets) / len(offsets)
     want = [GROUP_FIRST_FACE[0] - shift, GROUP_FIRST_FACE[1] - 10]
     assert any(abs(b[0] - want[0]) < 15 and abs(b[1] - want[1]) < 15 for b in boxes), (boxes, want)
-    for p in people:  # all four are there throughout (one is cut by the frame edge at the start)
+    for p in people[:4]:  # all four are there throughout (one is cut by the frame edge at the start)
         assert p["found_frames"] >= 20 and p["start"] <= 0.5 and p["end"] >= 3.5
         assert len(p["top3"]) == 3 and len(p["timeline"]) == len(answer["timeline"]) == 2
+    for p in people[4:]:  # the face in profile: small, behind the others
+        assert p["found_frames"] < 20 and (p["box"][2] - p["box"][0]) < 30 and 1 <= len(p["timeline"]) <= 2
     assert people[0]["top3"] == answer["top3"]  # the main person answers for the video
     assert answer["faces"]["found_frames"] == people[0]["found_frames"]
 
@@ -163,4 +168,19 @@ def test_bad_requests_fail_alone_with_the_frame_model(handler, model_dir):
     out, status = run(handler, model_dir, rows)
     assert status == [200, 400, 415, 422, 200]
     alone, _ = run(handler, model_dir, [{"body": good}])
-    assert out[0]["top3"] == alone[0]["top3"] and len(out[4]["people"]) == 4
+    assert out[0]["top3"] == alone[0]["top3"] and 4 <= len(out[4]["people"]) <= 5
+
+
+def test_sdk_clip_probabilities_pool_the_frames_as_served(tmp_path):
+    """training.video_data.clip_probs (the SDK's video path): a per-frame model's clip answer is
+    the spec's pooling of its frames' probabilities; a clip model's is its own output."""
+    video = load_model(build(image_checkpoint(tmp_path / "image.pth"), tmp_path / "video.pth", pooling="peak"))
+    clips = torch.randn(2, 1, 16, 48, 48, generator=torch.Generator().manual_seed(3))
+    got = clip_probs(video, clips)
+    with torch.inference_mode():
+        for n in range(2):
+            frames = torch.softmax(video(clips[n].permute(1, 0, 2, 3)), -1)
+            assert torch.allclose(got[n], pool(frames, LABELS, "peak"), atol=1e-5)
+    hybrid = create_model("emo_video_hybrid").eval()
+    with torch.inference_mode():
+        assert torch.allclose(clip_probs(hybrid, clips), torch.softmax(hybrid(clips), -1), atol=1e-5)

@@ -7,9 +7,9 @@ Scores the image model (as served: ``training.evaluate``'s path) under each cand
 * tight face crops at a photo's resolution: FER2013 ``--val`` crops upscaled to ``--side`` px
   (bicubic), the way a user's own face crop arrives.
 
-A rule is the TIGHT_COVERAGE threshold: an image larger than TIGHT_MAX_SIDE whose largest face
-box covers at least that fraction of it is classified whole; ``off`` (above 1) means every
-detected face is aligned.
+A rule is a coverage threshold: an image larger than TIGHT_MAX_SIDE whose largest face box
+covers at least that fraction of it is classified whole; ``off`` is the shipped rule (every
+detected face is aligned; handlers/faces.py records the figures that chose it).
 
     .venv/bin/python tools/measure_auto_rule.py --weights pretrain/emotion_image.pth
 """
@@ -29,7 +29,7 @@ from handlers import faces  # noqa: E402
 from handlers.preprocess import to_uint8  # noqa: E402
 from model_defs import load_model  # noqa: E402
 from training.datasets import ImageFolderDataset, detected_face_crop, image_dataset  # noqa: E402
-from training.engine import evaluate  # noqa: E402
+from training.engine import evaluate_model  # noqa: E402
 
 
 class Upscaled(ImageFolderDataset):
@@ -44,6 +44,16 @@ class Upscaled(ImageFolderDataset):
     def __getitem__(self, i: int):
         img = Image.open(self.files[i]).convert("RGB").resize((self.side, self.side), Image.BICUBIC)
         return to_uint8(self.face_crop(img), self.spec), self.labels[i]
+
+
+def covering(threshold: float, shipped):
+    """The shipped rule, plus: whole when the largest face box covers >= ``threshold`` of the image."""
+    def rule(img: Image.Image, found) -> bool:
+        if shipped(img, found):
+            return True
+        x1, y1, x2, y2 = max(found, key=lambda f: f.size).box
+        return (x2 - x1) * (y2 - y1) >= threshold * img.width * img.height
+    return rule
 
 
 def main() -> None:
@@ -61,10 +71,11 @@ def main() -> None:
     spec = model.spec.to_dict()
     crop = detected_face_crop(spec, "cpu", "auto")
     out = {}
+    shipped = faces.is_tight_crop
     for cov in args.coverages.split(","):
-        faces.TIGHT_COVERAGE = 2.0 if cov == "off" else float(cov)
-        photos = evaluate(model, DataLoader(image_dataset(args.photos, spec, crop), batch_size=64))
-        tight = evaluate(model, DataLoader(Upscaled(Path(args.val), spec, args.side, crop, args.limit), batch_size=64))
+        faces.is_tight_crop = shipped if cov == "off" else covering(float(cov), shipped)
+        photos = evaluate_model(model, DataLoader(image_dataset(args.photos, spec, crop), batch_size=64))
+        tight = evaluate_model(model, DataLoader(Upscaled(Path(args.val), spec, args.side, crop, args.limit), batch_size=64))
         out[cov] = {"photos_acc": photos["acc"], "photos_top3": photos["acc_top3"], "photos_n": photos["n"],
                     f"fer_val_{args.side}px_acc": tight["acc"], "fer_val_n": tight["n"]}
         print(f"coverage {cov}: photos acc {photos['acc']:.3f} top3 {photos['acc_top3']:.3f} (n {photos['n']}) | "

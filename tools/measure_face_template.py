@@ -3,7 +3,7 @@
 Runs MTCNN on FER2013 crops upscaled to --upscale px and edge-padded by --pad px (so that
 boxes are not clipped at the crop border), keeps one confident face per crop and
 prints the mean landmark layout (FACE_TEMPLATE), the mean face size (FER_FACE_SIZE), the
-resulting DEFAULT_MARGIN and the face-box coverage used by TIGHT_COVERAGE. Then it checks the
+resulting margin and the face-box coverage of the crops. Then it checks the
 constants in handlers/faces.py: the similarity taking each crop's landmarks to the template
 should be close to the identity.
 

@@ -67,7 +67,7 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
         return loss
 
     opt.step(closure)
-    return float(log_t.exp())
+    return float(log_t.detach().exp())
 
 
 def crossval_ece(logits: torch.Tensor, labels: torch.Tensor, folds: int = 2, seed: int = 0) -> float:

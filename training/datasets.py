@@ -6,7 +6,6 @@ batched on the training device (see ``training.augment``).
 """
 from __future__ import annotations
 
-import csv
 import logging
 import random
 from pathlib import Path
@@ -19,22 +18,12 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 from handlers.contract import DetectionMode
 from handlers.faces import DEFAULT_MARGIN, FaceDetector, largest_face
 from handlers.preprocess import decode_image, to_uint8
-from model_defs import LABELS
+
+from .labelled_files import class_counts, class_folders, read_labels_csv, read_list_file
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
-_ALIASES = {"anger": "angry", "disgusted": "disgust", "fearful": "fear", "happiness": "happy",
-            "sadness": "sad", "surprised": "surprise", "neutrality": "neutral", "contempt": None}
-
-
-def label_index(name: str) -> int | None:
-    """Index of a class name in ``LABELS`` (case-insensitive, common variants accepted)."""
-    key = name.strip().lower()
-    key = _ALIASES.get(key, key)
-    return LABELS.index(key) if key in LABELS else None
-
-
 FaceCropFn = Callable[[Image.Image], Image.Image]
 """Maps a decoded RGB PIL image to the face image to classify (identity, or detect+align)."""
 
@@ -68,58 +57,25 @@ class _EncodedImages(Dataset):
         return to_uint8(img, self.spec), (self.labels[i] if self.targets is None else self.targets[i])
 
     def class_counts(self) -> list[int]:
-        return [self.labels.count(c) for c in range(len(LABELS))]
+        return class_counts(self.labels)
 
 
 class ImageFolderDataset(_EncodedImages):
     """``root/<class>/<image>``; class folders named after ``LABELS`` (missing ones allowed)."""
 
     def __init__(self, root: str | Path, spec: Mapping[str, Any], face_crop: FaceCropFn | None = None) -> None:
-        root = Path(root)
-        if not root.is_dir():
-            raise FileNotFoundError(f"dataset folder not found: {root}")
-        files, labels = [], []
-        for d in sorted(p for p in root.iterdir() if p.is_dir()):
-            idx = label_index(d.name)
-            if idx is None:
-                log.warning("skipping folder %s: not one of %s", d, ", ".join(LABELS))
-                continue
-            for f in sorted(d.rglob("*")):
-                if f.suffix.lower() in IMAGE_EXTS and f.is_file():
-                    files.append(f)
-                    labels.append(idx)
-        if not files:
-            raise ValueError(f"no images found under {root} (expected {root}/<class>/<image>)")
+        files, labels = class_folders(root, _images_below, "image")
         super().__init__(files, labels, spec, face_crop)
 
 
-def read_list_file(root: str | Path, list_file: str | Path, one_based: bool = False) -> tuple[list[Path], list[int]]:
-    """``relative/path label`` lines (labels 0-6, or 1-7 with ``one_based``; ``#`` comments) →
-    paths under ``root`` and label indices."""
-    root, paths, labels = Path(root), [], []
-    for n, line in enumerate(Path(list_file).read_text().splitlines(), 1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        try:
-            rel, lab = line.rsplit(maxsplit=1)
-            idx = int(lab) - (1 if one_based else 0)
-        except ValueError as e:
-            raise ValueError(f"{list_file}:{n}: expected 'relative/path label', got {line!r}") from e
-        if not 0 <= idx < len(LABELS):
-            hint = " (labels 1-7? pass one_based / --one-based)" if idx == len(LABELS) else ""
-            raise ValueError(f"{list_file}:{n}: label {lab} out of range{hint}")
-        paths.append(root / rel)
-        labels.append(idx)
-    return paths, labels
+def _images_below(folder: Path) -> list[Path]:
+    return [f for f in sorted(folder.rglob("*")) if f.suffix.lower() in IMAGE_EXTS and f.is_file()]
 
 
 def random_subset(ds: Dataset, labels: Sequence[int], n: int, seed: int = 0) -> tuple[Dataset, list[int]]:
     """``n`` random items of ``ds`` (whose labels are ``labels``) and their class counts."""
     idx = random.Random(seed).sample(range(len(labels)), min(n, len(labels)))
-    counts = [0] * len(LABELS)
-    for i in idx:
-        counts[labels[i]] += 1
-    return Subset(ds, idx), counts
+    return Subset(ds, idx), class_counts(labels[i] for i in idx)
 
 
 class ListFileDataset(_EncodedImages):
@@ -146,24 +102,7 @@ class CsvImageDataset(_EncodedImages):
     """
 
     def __init__(self, csv_file: str | Path, spec: Mapping[str, Any], face_crop: FaceCropFn | None = None) -> None:
-        csv_file = Path(csv_file)
-        files, labels, skipped = [], [], 0
-        with csv_file.open(newline="") as f:
-            for row in csv.DictReader(f):
-                name = row.get("image") or row.get("file") or row.get("path")
-                idx = label_index(row.get("emotion") or row.get("label") or "")
-                if not name or idx is None:
-                    skipped += 1
-                    continue
-                path = csv_file.parent / name
-                if not path.exists() and (csv_file.parent / "images" / name).exists():
-                    path = csv_file.parent / "images" / name
-                files.append(path)
-                labels.append(idx)
-        if skipped:
-            log.warning("%s: skipped %d rows without a known emotion", csv_file, skipped)
-        if not files:
-            raise ValueError(f"{csv_file}: no labelled images")
+        files, labels = read_labels_csv(csv_file, ("image", "file", "path"), "images", "images")
         super().__init__(files, labels, spec, face_crop)
 
 

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from handlers.preprocess import LUMA_WEIGHTS, normalize
@@ -74,7 +75,7 @@ def predict_logits(model: nn.Module, x: torch.Tensor, tta_flip: bool | None = No
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader: Iterable, device: torch.device | str = "cpu",
+def evaluate_model(model: nn.Module, loader: Iterable, device: torch.device | str = "cpu",
              tta_flip: bool | None = None, progress: bool = False) -> dict[str, Any]:
     """Evaluate a classifier as served (the spec's mirror averaging and temperature): acc,
     acc_top3, n, per-class recall, confusion matrix, loss (NLL) and calibration error (ECE)."""
@@ -218,7 +219,7 @@ def fit(model: nn.Module, train_loader, val_loader, cfg: FitConfig, device: torc
                  best["acc"], best["best_epoch"])
     writer = _writer(out) if is_main() else None
     if cfg.eval_initial and start == 1 and is_main():
-        ev = evaluate(model, val_loader, device, cfg.tta_flip)
+        ev = evaluate_model(model, val_loader, device, cfg.tta_flip)
         best = {k: ev[k] for k in ("acc", "acc_top3", "n", "per_class", "confusion")}
         best["best_epoch"] = 0
         save_weights(model, out / cfg.best_name, metrics=best, **(extra_meta or {}))
@@ -229,7 +230,7 @@ def fit(model: nn.Module, train_loader, val_loader, cfg: FitConfig, device: torc
             train_loader.sampler.set_epoch(epoch)
         t0 = time.time()
         tr = train_one_epoch(model, train_loader, opt, sched, cfg, device, scaler, weights, epoch, is_main())
-        ev = evaluate(model, val_loader, device, cfg.tta_flip)
+        ev = evaluate_model(model, val_loader, device, cfg.tta_flip)
         row = {"epoch": epoch, "train_loss": tr["loss"], "lr": tr["lr"], "val_loss": ev["loss"],
                "acc": ev["acc"], "acc_top3": ev["acc_top3"], "seconds": time.time() - t0}
         history.append(row)
@@ -260,7 +261,6 @@ def _plain(d: Any) -> Any:
 
 
 def _writer(out: Path):
-    from torch.utils.tensorboard import SummaryWriter
     return SummaryWriter(str(out / "tb"))
 
 

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from model_defs import SHIPPED_WEIGHTS, load_model
 
 from .datasets import detected_face_crop, image_dataset
-from .engine import evaluate
+from .engine import evaluate_model
 from .ferplus import read_votes, with_ferplus_majority
 from .metrics import confusion_figure
 from .video_eval import evaluate_videos, markdown as video_markdown
@@ -78,7 +78,7 @@ def main(args: argparse.Namespace) -> dict:
         ds = with_ferplus_majority(ds, read_votes(args.ferplus))
     workers = 0 if args.detect_faces else args.workers
     loader = DataLoader(ds, batch_size=args.batch_size, num_workers=workers)
-    res = evaluate(model, loader, args.device)  # as served: the spec's mirror averaging and temperature
+    res = evaluate_model(model, loader, args.device)  # as served: the spec's mirror averaging and temperature
     out = {k: res[k] for k in ("acc", "acc_top3", "n", "ece", "per_class", "confusion")}
     out.update(weights=str(weights), data=str(args.data), detect_faces=args.detect_faces,
                detection=args.detection if args.detect_faces else "never",

@@ -22,8 +22,9 @@ from model_defs import DEFAULT_MODEL, create_model, default_spec, list_models, l
 
 from .augment import AugmentConfig
 from .datasets import ImageFolderDataset, ListFileDataset, cache_in_memory, random_subset
+from .engine import FitConfig, fit, is_main, lp_embedding, setup_distributed
 from .ferplus import read_votes, soft_targets
-from .engine import FitConfig, fit, lp_embedding, is_main, setup_distributed
+from .video_data import video_datasets
 
 log = logging.getLogger("training.run")
 
@@ -98,7 +99,6 @@ def _image_datasets(args: argparse.Namespace, spec: dict) -> tuple[Dataset, Data
 def build_datasets(args: argparse.Namespace, spec: dict) -> tuple[Dataset, Dataset, list[int]]:
     """Training and validation datasets for the task, and the training class counts."""
     if args.task == "video":
-        from .video_data import video_datasets
         return video_datasets(args, spec)
     tr, va = _image_datasets(args, spec)
     counts = tr.class_counts()

@@ -36,9 +36,10 @@ from handlers.preprocess import decode_image, normalize, spec_uint8, to_model_in
 from handlers.video_decode import read_clip, sample_indices
 from model_defs import (DEFAULT_MODEL, LABELS, SHIPPED_WEIGHTS, CheckpointError, ModelSpec, create_model,
                         default_spec, is_checkpoint, list_models, load_file)
+from model_defs.video_nets import with_frame_network
 
-from .datasets import label_index
-from .engine import FitConfig, evaluate, fit, predict_logits, setup_distributed
+from .labelled_files import label_index
+from .engine import FitConfig, evaluate_model, fit, predict_logits, setup_distributed
 from .video_data import clip_probs
 
 log = logging.getLogger(__name__)
@@ -161,7 +162,7 @@ class EmotionRecognizer:
         Returns:
             ``{'acc', 'acc_top3'}`` (fractions in [0, 1]).
         """
-        res = evaluate(self.net, _Batches(test_loader, self._engine_batch, self._target), self.device,
+        res = evaluate_model(self.net, _Batches(test_loader, self._engine_batch, self._target), self.device,
                        self._tta)
         log.info("eval epoch %s: acc %.4f top3 %.4f on %d %ss", epoch, res["acc"], res["acc_top3"],
                  res["n"], "clip" if self.task == "video" else "image")
@@ -349,7 +350,9 @@ class EmotionRecognizer:
         image_weights = Path(SHIPPED_WEIGHTS["image"])
         if self.task == "video" and hasattr(model, "load_frame_weights") and image_weights.is_file():
             try:
-                model.load_frame_weights(load_file(image_weights))
+                image = load_file(image_weights)  # the frame network is the shipped image network
+                model = create_model(name, with_frame_network(default_spec(name), image["spec"]))
+                model.load_frame_weights(image)
                 log.warning("no video weights: the frame network starts from %s", image_weights)
                 return model
             except (ValueError, RuntimeError) as e:

@@ -47,9 +47,7 @@ def video_datasets(args: argparse.Namespace, spec: dict[str, Any]) -> tuple[Data
     root = Path(args.data) if args.data else None
     detect = getattr(args, "detect_faces", False)
     if args.still_clips:
-        # the stills are training-domain images already: no calibration low-pass on them
-        raw_spec = {**spec, "extra": {k: v for k, v in spec.get("extra", {}).items() if k != "input_blur"}}
-        stills = ImageFolderDataset(args.still_clips, raw_spec)
+        stills = ImageFolderDataset(args.still_clips, spec)
         counts = stills.class_counts()
         base: Dataset = stills
         if args.subset:

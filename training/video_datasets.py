@@ -14,7 +14,6 @@ Frames are stacked ``(T, C, S, S)`` and *permuted* to ``(C, T, S, S)`` (a reshap
 """
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import random
@@ -31,9 +30,9 @@ from torch.utils.data import Dataset
 
 from handlers.preprocess import InputError, decode_image, normalize, to_model_input
 from handlers.video_decode import VideoLimits, read_clip, sample_indices
-from model_defs import LABELS
 
-from .datasets import IMAGE_EXTS, label_index, read_list_file
+from .datasets import IMAGE_EXTS
+from .labelled_files import class_counts, class_folders, label_index, read_labels_csv, read_list_file
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +97,7 @@ class ClipDataset(Dataset):
             raise ValueError(f"{src}: {e}") from e
 
     def class_counts(self) -> list[int]:
-        return [self.labels.count(c) for c in range(len(LABELS))]
+        return class_counts(self.labels)
 
 
 def afew_list(root: str | Path, list_file: str | Path, spec: Mapping[str, Any], one_based: bool = False,
@@ -111,42 +110,19 @@ def afew_list(root: str | Path, list_file: str | Path, spec: Mapping[str, Any], 
 def csv_clips(csv_file: str | Path, spec: Mapping[str, Any], **kw: Any) -> ClipDataset:
     """Videos listed in a CSV (``file,emotion`` header, other columns ignored), paths relative to
     the CSV's folder or its ``videos/`` sub-folder. Unknown emotions are skipped with a warning."""
-    csv_file, sources, labels, skipped = Path(csv_file), [], [], {}
-    with csv_file.open(newline="") as f:
-        for row in csv.DictReader(f):
-            name = row.get("file") or row.get("video") or row.get("path") or ""
-            emotion = (row.get("emotion") or row.get("label") or "").strip()
-            idx = label_index(emotion)
-            if not name or idx is None:
-                skipped[emotion] = skipped.get(emotion, 0) + 1
-                continue
-            path = csv_file.parent / name
-            if not path.exists() and (csv_file.parent / "videos" / name).exists():
-                path = csv_file.parent / "videos" / name
-            sources.append(path)
-            labels.append(idx)
-    if skipped:
-        log.warning("%s: skipped rows without a known emotion: %s", csv_file, skipped)
-    if not sources:
-        raise ValueError(f"{csv_file}: no labelled clips")
+    sources, labels = read_labels_csv(csv_file, ("file", "video", "path"), "videos", "clips")
     return ClipDataset(sources, labels, spec, **kw)
 
 
 def folder_clips(root: str | Path, spec: Mapping[str, Any], **kw: Any) -> ClipDataset:
     """``root/<class>/<clip>`` where each clip is a video file or a folder of frame images."""
-    root, sources, labels = Path(root), [], []
-    for d in sorted(p for p in root.iterdir() if p.is_dir()):
-        idx = label_index(d.name)
-        if idx is None:
-            log.warning("skipping folder %s: not one of %s", d, ", ".join(LABELS))
-            continue
-        for c in sorted(d.iterdir(), key=_natural_key):
-            if (c.is_file() and c.suffix.lower() in VIDEO_EXTS) or (c.is_dir() and frame_files(c)):
-                sources.append(c)
-                labels.append(idx)
-    if not sources:
-        raise ValueError(f"no clips found under {root} (expected {root}/<class>/<video or frame folder>)")
+    sources, labels = class_folders(root, _clips_in, "video or frame folder")
     return ClipDataset(sources, labels, spec, **kw)
+
+
+def _clips_in(folder: Path) -> list[Path]:
+    return [c for c in sorted(folder.iterdir(), key=_natural_key)
+            if (c.is_file() and c.suffix.lower() in VIDEO_EXTS) or (c.is_dir() and frame_files(c))]
 
 
 # Words in a file name that name an emotion (``furious_talk1_clip1.mp4`` is angry).

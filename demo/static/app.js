@@ -309,18 +309,24 @@ async function grabFrame(video) {
 async function refreshVideoBox() {
   const v = state.video;
   const video = $('video');
-  if (!v || v.busy || !video.videoWidth || v.failed) return;
+  if (!v || !video.videoWidth || v.failed) return;
+  if (v.busy) { v.again = true; return; } // one request at a time; the latest frame next
   v.busy = true;
   try {
+    const at = video.currentTime;
     const blob = await grabFrame(video);
     const answer = await predict('image', blob, 'frame.jpg');
-    if (state.video === v) v.faces = (answer.faces || []).filter((f) => f.detected !== false);
+    if (state.video === v) {
+      v.faces = (answer.faces || []).filter((f) => f.detected !== false);
+      v.boxTime = at; // the moment of the video the box was found at
+    }
     videoTick();
   } catch (e) {
     v.failed = true; // one message, not one per frame
     $('video-note').textContent = `Face boxes unavailable: ${e.message}`;
   } finally {
     v.busy = false;
+    if (v.again) { v.again = false; refreshVideoBox(); }
   }
 }
 
