@@ -134,11 +134,10 @@ _HYBRID_DEFAULTS = {"frame_arch": "emo_resnet_s", "hidden": 128, "bidirectional"
 @register_model(ModelSpec(arch="emo_video_hybrid", task="video", input_size=48, channels=1, mean=(0.5,),
                           std=(0.5,), labels=LABELS, clip_len=16, extra=dict(_HYBRID_DEFAULTS)))
 def emo_video_hybrid(spec: ModelSpec, **kw) -> nn.Module:
-    """Hybrid video network over 16 48x48 grayscale face crops; options in ``spec.extra``
-    (``input_shape`` is set here, for ``export.torchscript.example_input``)."""
+    """Hybrid video network over 16 48x48 grayscale face crops; options in ``spec.extra`` over
+    the defaults (the spec it is given is left as it is: clips are ``(N, C, T, S, S)``, the
+    layout ``export.torchscript.example_input`` assumes for a spec with ``clip_len``)."""
     opts = {**_HYBRID_DEFAULTS, **spec.extra}
-    opts["input_shape"] = [spec.channels, spec.clip_len, spec.input_size, spec.input_size]  # (C, T, S, S)
-    spec.extra = opts
     return HybridVideoNet(spec, frame_arch=opts["frame_arch"], hidden=int(opts["hidden"]),
                           bidirectional=bool(opts["bidirectional"]),
                           c3d_widths=tuple(int(w) for w in opts["c3d_widths"]), **kw)

@@ -17,7 +17,7 @@ from handlers.video_pool import pool
 from model_defs import LABELS, ModelSpec, create_model, load_checkpoint, load_model, save_weights
 from tests import videoutil
 from tests.handler_context import make_context, run_handler as run
-from training.video_data import clip_probs
+from training.video_task import clip_probs
 from training.video_from_image import build
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -172,7 +172,7 @@ def test_bad_requests_fail_alone_with_the_frame_model(handler, model_dir):
 
 
 def test_sdk_clip_probabilities_pool_the_frames_as_served(tmp_path):
-    """training.video_data.clip_probs (the SDK's video path): a per-frame model's clip answer is
+    """training.video_task.clip_probs (the SDK's video path): a per-frame model's clip answer is
     the spec's pooling of its frames' probabilities; a clip model's is its own output."""
     video = load_model(build(image_checkpoint(tmp_path / "image.pth"), tmp_path / "video.pth", pooling="peak"))
     clips = torch.randn(2, 1, 16, 48, 48, generator=torch.Generator().manual_seed(3))

@@ -23,7 +23,14 @@ def test_registered_with_a_video_spec(model):
     spec = model.spec
     assert (spec.task, spec.clip_len, spec.input_size, spec.channels) == ("video", 16, 48, 1)
     assert spec.mean == default_spec("emo_resnet_s").mean and spec.std == default_spec("emo_resnet_s").std
-    assert spec.extra["frame_arch"] == "emo_resnet_s" and spec.extra["input_shape"] == [1, 16, 48, 48]
+    assert spec.extra["frame_arch"] == "emo_resnet_s" and "input_shape" not in spec.extra
+
+
+def test_building_the_hybrid_leaves_its_spec_alone():
+    spec = default_spec("emo_video_hybrid")
+    before = spec.to_dict()
+    create_model("emo_video_hybrid", spec)
+    assert spec.to_dict() == before
 
 
 def test_shapes(model):

@@ -24,7 +24,7 @@ from .augment import AugmentConfig
 from .datasets import ImageFolderDataset, ListFileDataset, cache_in_memory, random_subset
 from .engine import FitConfig, fit, is_main, lp_embedding, setup_distributed
 from .ferplus import read_votes, soft_targets
-from .video_data import video_datasets
+from .video_task import video_datasets
 
 log = logging.getLogger("training.run")
 

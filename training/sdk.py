@@ -40,7 +40,7 @@ from model_defs.video_nets import with_frame_network
 
 from .labelled_files import label_index
 from .engine import FitConfig, evaluate_model, fit, predict_logits, setup_distributed
-from .video_data import clip_probs
+from .video_task import clip_probs
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +282,7 @@ class EmotionRecognizer:
     @torch.inference_mode()
     def _batch_probabilities(self, x: torch.Tensor) -> torch.Tensor:
         """Calibrated probabilities of a normalized batch, as served (a per-frame video model pools
-        its frames: ``training.video_data.clip_probs``)."""
+        its frames: ``training.video_task.clip_probs``)."""
         self.net.eval()
         x = x.to(self.device)
         if self.task == "video":

@@ -24,7 +24,7 @@ from handlers.video_pool import POOLINGS, pooling_from_spec
 from model_defs import inference_model, load_model
 
 from .metrics import classification_metrics
-from .video_datasets import ClipDataset, named_clips, video_dataset
+from .clip_datasets import ClipDataset, named_clips, video_dataset
 
 log = logging.getLogger("training.evaluate")
 
@@ -43,7 +43,7 @@ def evaluate_videos(args: argparse.Namespace, weights: Path) -> dict[str, Any]:
     spec = model.spec.to_dict()
     net = inference_model(model).eval()
     frame_model = is_frame_model(spec)
-    poolings = [p for p in (args.pooling or "").split(",") if p] or \
+    poolings = list(dict.fromkeys(p for p in (args.pooling or "").split(",") if p)) or \
         ([pooling_from_spec(spec)[0]] if frame_model else [MODEL_POOLING])
     allowed = POOLINGS if frame_model else (MODEL_POOLING,)
     bad = [p for p in poolings if p not in allowed]

@@ -1,4 +1,4 @@
-"""Clip datasets (training/video_datasets.py) over real encoded clips and frame folders."""
+"""Clip datasets (training/clip_datasets.py) over real encoded clips and frame folders."""
 from __future__ import annotations
 
 import random
@@ -12,7 +12,7 @@ from PIL import Image
 from handlers.preprocess import to_model_input, to_uint8
 from handlers.video_decode import decode_video, sample_indices
 from model_defs import LABELS, default_spec
-from training.video_datasets import (ClipDataset, MotionConfig, StillClipDataset, afew_list, frames_to_clip,
+from training.clip_datasets import (ClipDataset, MotionConfig, StillClipDataset, afew_list, frames_to_clip,
                                      smooth_path, video_dataset)
 from tests.videoutil import encode, moving_face
 

@@ -1,6 +1,6 @@
 """Dataset wiring for ``--task video`` in ``training.run`` and ``training.evaluate``.
 
-Real clips come from ``training.video_datasets`` (AFEW frame folders + list file, a
+Real clips come from ``training.clip_datasets`` (AFEW frame folders + list file, a
 ``labels.csv`` of videos, or class folders). With ``--still-clips DIR`` the training clips are
 synthesised from a folder of still face crops (e.g. FER2013 train) with smooth temporal
 augmentation, which is how the shipped video model was bootstrapped (see pretrain/MODEL_CARD.md).
@@ -24,7 +24,7 @@ from model_defs import unwrap
 
 from .datasets import ImageFolderDataset, detected_face_crop, cache_in_memory, random_subset
 from .engine import predict_logits
-from .video_datasets import ClipDataset, StillClipDataset, video_dataset
+from .clip_datasets import ClipDataset, StillClipDataset, video_dataset
 
 
 def frame_transform(spec: dict[str, Any], detect_faces: bool, device: str = "cpu") -> Callable:
