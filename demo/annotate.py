@@ -20,6 +20,11 @@ from typing import Sequence
 
 import av
 from PIL import Image
+from tqdm import tqdm
+
+from handlers.preprocess import InputError, decode_image
+from handlers.video_decode import upright
+from model_defs import SHIPPED_WEIGHTS
 
 from . import draw
 from .inprocess import Recognizer, VideoResult, top
@@ -42,8 +47,6 @@ def is_video(path: Path) -> bool:
 
 def annotate_photo(rec: Recognizer, src: Path, out: Path) -> int:
     """Write the annotated photo; returns the number of faces drawn."""
-    from handlers.preprocess import decode_image
-
     img = decode_image(src.read_bytes())
     faces = rec.image(img)
     labels = rec.labels
@@ -60,13 +63,11 @@ def timeline_path(out: Path) -> Path:
 
 def _frames(src: Path):
     """Every frame, upright, in presentation order (the indices ``handlers.video_decode`` uses)."""
-    from handlers.video_decode import _upright
-
     with av.open(str(src)) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         for frame in container.decode(stream):
-            yield _upright(frame.to_image(), frame.rotation)
+            yield upright(frame.to_image(), frame.rotation)
 
 
 def draw_frame(img: Image.Image, n: int, t: float, result: VideoResult, labels: Sequence[str]) -> None:
@@ -86,7 +87,6 @@ def annotate_video(rec: Recognizer, src: Path, out: Path, plot: Path, progress: 
     log.info("analysing %s (sampling, face tracking, the video model)…", src)
     result = rec.video(src)
     info, labels = result.info, rec.labels
-    from tqdm import tqdm
 
     rate = Fraction(info.fps).limit_denominator(1001) if info.fps > 0 else Fraction(25)
     t0 = info.timestamps[0] if info.timestamps else 0.0
@@ -123,8 +123,6 @@ def annotate_video(rec: Recognizer, src: Path, out: Path, plot: Path, progress: 
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    from model_defs import SHIPPED_WEIGHTS
-
     p = argparse.ArgumentParser(prog="python -m demo.annotate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("input", type=Path, help="a photo (JPEG, PNG, ...) or a video (MP4, MOV, WebM, AVI, GIF)")
@@ -142,8 +140,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
-    from handlers.preprocess import InputError
-
     src, out = args.input, args.output
     if not src.is_file():
         log.error("no such file: %s", src)

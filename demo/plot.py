@@ -4,6 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
 from .palette import color_of
 
 
@@ -11,9 +14,6 @@ def timeline_png(path: Path, windows: Sequence[tuple[float, float]], probs: Sequ
                  labels: Sequence[str], duration: float, title: str) -> None:
     """Plot ``probs`` (one row of per-label probabilities per window) at the windows' middles;
     a video of one window gets one point per label over its middle."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(8, 3.6), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()

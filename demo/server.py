@@ -31,6 +31,12 @@ from urllib.parse import urlsplit
 
 import requests
 
+from export.archive import TASKS
+from model_defs import LABELS
+from serving import read_properties
+
+from .palette import LABEL_COLORS
+
 logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,8 +94,6 @@ def read_key(key_file: Path) -> str:
 
 def page_config(settings: DemoSettings) -> dict[str, Any]:
     """What ``/config.json`` answers: models, labels, where TorchServe is, whether a key is there."""
-    from .palette import LABEL_COLORS
-
     out: dict[str, Any] = {"inference_url": settings.inference_url, "models": settings.models,
                            "labels": list(settings.labels), "key_file": str(settings.key_file),
                            "colors": {label: LABEL_COLORS.get(label, "#ffffff") for label in settings.labels}}
@@ -221,16 +225,11 @@ def make_server(settings: DemoSettings, allow_remote: bool = False) -> Threading
 
 def served_models() -> dict[str, str]:
     """Task -> TorchServe model name, as ``export`` names the archives."""
-    from export.archive import TASKS
-
     return {task: pkg.archive_name(task) for task, pkg in TASKS.items()}
 
 
 def settings_from_args(args: argparse.Namespace) -> DemoSettings:
     """Settings from ``config.properties`` (TorchServe's address, request limit) and the command line."""
-    from model_defs import LABELS
-    from serving import read_properties
-
     props = read_properties(Path(args.config))
     return DemoSettings(host=args.host, port=args.port,
                         inference_url=(args.inference_url or props.get("inference_address")

@@ -25,6 +25,8 @@ import logging
 import time
 from typing import Any, Iterator
 
+from ts.metrics.metric_type_enum import MetricTypes
+
 logger = logging.getLogger(__name__)
 
 COUNTERS: dict[str, tuple[str, str]] = {
@@ -86,8 +88,6 @@ class BatchMetrics:
 
     def _update(self, name: str, unit: str, kind: str, value: float, dims: list[str]) -> None:
         try:
-            from ts.metrics.metric_type_enum import MetricTypes
-
             mtype = MetricTypes(kind)
             try:
                 metric = self.cache.get_metric(name, mtype)

@@ -209,7 +209,7 @@ def decode_frames(source: VideoSource, indices: Iterable[int], limits: VideoLimi
                     raise InputError(f"video frames too large: {frame.width}x{frame.height} pixels "
                                      f"(limit {limits.max_pixels} pixels)", 413)
                 if n in want:
-                    out[n] = _upright(frame.to_image(), frame.rotation)
+                    out[n] = upright(frame.to_image(), frame.rotation)
                 last, n = frame, n + 1
                 if n > wanted[-1] or n >= limits.max_frames:
                     break
@@ -222,7 +222,7 @@ def decode_frames(source: VideoSource, indices: Iterable[int], limits: VideoLimi
             if last is None:
                 raise InputError("video has no decodable frames", 422)
             log.warning("video has %d frames, not %d: repeating the last one", n, wanted[-1] + 1)
-            tail = out.get(n - 1) or _upright(last.to_image(), last.rotation)
+            tail = out.get(n - 1) or upright(last.to_image(), last.rotation)
             out.update((i, tail) for i in missing)
     return out
 
@@ -257,7 +257,7 @@ def sample_at_rate(info: VideoInfo, fps: float, min_frames: int, max_frames: int
     return sample_indices(info.n_frames, max(min_frames, min(want, max_frames)))
 
 
-def _upright(img: Image.Image, rotation: float) -> Image.Image:
+def upright(img: Image.Image, rotation: float) -> Image.Image:
     """Apply the display-matrix rotation (degrees counter-clockwise) phones store in MOV/MP4."""
     r = int(round(rotation or 0)) % 360
     if r == 90:
