@@ -122,7 +122,7 @@ class Recognizer:
             detector = face_ops.FaceDetector(device=self.device, min_face_size=int(IMAGE_DEFAULTS["min_face_size"]),
                                              max_faces=int(IMAGE_DEFAULTS["max_faces"]),
                                              max_side=int(IMAGE_DEFAULTS["detect_max_side"]))
-        margin = float(spec.get("face_margin") or 0.0) or face_ops.DEFAULT_MARGIN
+        margin = spec.get("face_margin")  # None/0: faces.DEFAULT_MARGIN
         crops = face_ops.faces_for_images([img], detector, self.detection, int(spec["input_size"]), margin,
                                           int(spec["channels"]))[0]
         if not crops:

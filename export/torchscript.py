@@ -14,7 +14,7 @@ from torch import nn
 
 from handlers.common import load_scripted
 from handlers.contract import SPEC_FILE
-from model_defs import ModelSpec, inference_model
+from model_defs import inference_model
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def export_torchscript(model: nn.Module, spec: Mapping[str, Any], path: str | os
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    model = _as_scored(model, spec)
+    model = inference_model(model, extra=spec.get("extra") or {})  # as evaluation scores it
     example = example_input(spec, batch)
     scripted = compile_model(model, example)
     if freeze:
@@ -98,9 +98,3 @@ def export_torchscript(model: nn.Module, spec: Mapping[str, Any], path: str | os
     diff = verify_scripted(model, loaded, example)
     logger.info("TorchScript %s verified against eager model (max abs diff %.2g)", path, diff)
     return path
-
-
-def _as_scored(model: nn.Module, spec: Mapping[str, Any]) -> nn.Module:
-    """The network as evaluation scores it: ``model_defs.inference_model`` under ``spec``."""
-    model.spec = ModelSpec.from_dict(dict(spec))
-    return inference_model(model)

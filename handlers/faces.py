@@ -64,7 +64,8 @@ FACE_Y_SHIFT = 0.0193
 # 0.6-0.9 scored within a point of both. No threshold won beyond noise, so the simpler rule ships.
 TIGHT_MAX_SIDE = 64
 # Images are downscaled for detection so that their longer side is at most MAX_DETECT_SIDE
-# (handlers/contract.py, by default). Same-size images are detected together up to this many pixels per MTCNN call.
+# (handlers/contract.py, by default). Same-size images are detected together up to this many
+# pixels per MTCNN call.
 MAX_BATCH_PIXELS = 8_000_000
 
 Mode = DetectionMode
@@ -240,8 +241,8 @@ def faces_for_images(images: Sequence[Image.Image], detector: FaceDetector | Non
 
     * ``never``: the whole image (no detection; ``detector`` may be None).
     * ``auto``: every detected face, aligned; the whole image when it is a face crop already
-      (at most TIGHT_MAX_SIDE px) or no face was found (see ``is_tight_crop``). Images of at most TIGHT_MAX_SIDE px
-      are not run through the detector at all.
+      (at most TIGHT_MAX_SIDE px: not run through the detector at all) or no face was found
+      (see ``is_tight_crop``).
     * ``always``: every detected face, aligned; an empty list when none is found.
 
     Whole-image entries have ``face=None`` (``detected`` False) and ``box = [0, 0, w, h]``.
@@ -279,4 +280,3 @@ def largest_face(img: Image.Image, detector: FaceDetector | None, mode: Mode, si
     if not crops:
         (crops,) = faces_for_images([img], None, "never", size, margin, channels)
     return crops[0]
-

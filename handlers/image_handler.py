@@ -137,7 +137,7 @@ class EmotionImageHandler(BaseHandler):
             self.optimized = "mkldnn" in str(getattr(self.model, "graph", "")).lower()
         self.half = (self.device.type == "cuda" and bool(options["half"])
                      and self._half_matches(example.to(self.device)))
-        self.face_margin = float(self.spec.get("face_margin") or 0.0) or faces.DEFAULT_MARGIN
+        self.face_margin = self.spec.get("face_margin")  # None/0: faces.DEFAULT_MARGIN
         self._detector: faces.FaceDetector | None = None
         if self.detection != "never":  # fail at start-up, not on the first request
             self.detector()

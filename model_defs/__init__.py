@@ -9,7 +9,9 @@ from . import image_nets  # noqa: F401  (registers the image networks)
 from . import video_nets  # noqa: F401  (registers the video networks)
 
 __all__ = [
-    "DEFAULT_MODEL", "SHIPPED_WEIGHTS", "LABELS", "ModelSpec", "FlipAverage", "TemperatureScaled", "inference_model", "create_model", "default_spec", "list_models", "register_model",
-    "load_model", "load_checkpoint", "load_file", "is_checkpoint", "save_weights", "atomic_save", "checkpoint_dict", "metadata", "unwrap",
-    "CheckpointError",
+    "DEFAULT_MODEL", "SHIPPED_WEIGHTS", "LABELS", "ModelSpec",
+    "create_model", "default_spec", "list_models", "register_model",
+    "FlipAverage", "TemperatureScaled", "inference_model",
+    "load_model", "load_checkpoint", "load_file", "is_checkpoint", "save_weights", "atomic_save",
+    "checkpoint_dict", "metadata", "unwrap", "CheckpointError",
 ]

@@ -2,6 +2,8 @@
 says (``extra["tta_flip"]``: mirror averaging; ``extra["temperature"]``: calibrated logits)."""
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import torch
 from torch import nn
 
@@ -36,10 +38,13 @@ class TemperatureScaled(nn.Module):
         return self.model(x).float() * self.inv_temperature
 
 
-def inference_model(model: nn.Module, tta_flip: bool | None = None) -> nn.Module:
-    """``model`` wrapped as its spec's ``extra`` says (mirror averaging, then temperature);
-    ``tta_flip`` overrides the spec's flag. The bare model when the spec asks for neither."""
-    extra = getattr(getattr(model, "spec", None), "extra", None) or {}
+def inference_model(model: nn.Module, tta_flip: bool | None = None,
+                    extra: Mapping[str, Any] | None = None) -> nn.Module:
+    """``model`` wrapped as its spec's ``extra`` says (or ``extra``, when given): mirror
+    averaging, then temperature; ``tta_flip`` overrides the flag. The bare model when neither
+    is asked for."""
+    if extra is None:
+        extra = getattr(getattr(model, "spec", None), "extra", None) or {}
     out = model
     if extra.get("tta_flip") if tta_flip is None else tta_flip:
         out = FlipAverage(out)

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -22,6 +20,7 @@ from demo.server import DemoSettings, make_server, served_models
 from export.__main__ import main as export_main
 from model_defs import LABELS, SHIPPED_WEIGHTS
 from serving import running_server
+from tests.test_demo_server import free_port, running
 from tests.test_video_handler import video_checkpoint
 from tests.tsserver import image_weights
 
@@ -43,24 +42,11 @@ WAIT_S = 60.0
 MODELS = served_models()  # task -> model name, as export names the archives
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def demo_server(settings: DemoSettings) -> Iterator[str]:
     """The demo server in a thread; yields its base URL and always shuts it down."""
-    server = make_server(settings)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with running(make_server(settings)):
         yield settings.origin
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
 
 
 def h264_copy(src: Path, dst: Path) -> Path:

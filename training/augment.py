@@ -14,6 +14,8 @@ from torchvision.transforms.functional import gaussian_blur
 
 from handlers.preprocess import normalize
 
+from .losses import target_distribution
+
 
 @dataclass
 class AugmentConfig:
@@ -79,7 +81,8 @@ def degrade(x: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
         q = int(torch.randint(cfg.jpeg_quality[0], cfg.jpeg_quality[1] + 1, ()))
         x[i] = jpeg_round_trip(x[i].cpu(), q).to(x.device)
     for i in _chosen(n, cfg.blur):
-        x[i] = gaussian_blur(x[i:i + 1].float(), [5, 5], [float(torch.empty(1).uniform_(*cfg.blur_sigma))])[0].round().to(x.dtype)
+        sigma = float(torch.empty(1).uniform_(*cfg.blur_sigma))
+        x[i] = gaussian_blur(x[i:i + 1].float(), [5, 5], [sigma])[0].round().to(x.dtype)
     out = x.float() / 255.0
     idx = _chosen(n, cfg.gamma)
     if idx:
@@ -114,7 +117,7 @@ def random_erase(x: torch.Tensor, p: float) -> torch.Tensor:
 def mix(x: torch.Tensor, y: torch.Tensor, cfg: AugmentConfig, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Mixup or CutMix on a batch; ``y`` is class indices or ``(N, K)`` soft targets; returns
     images and soft targets."""
-    target = y.float() if y.dim() == 2 else F.one_hot(y, num_classes).float()
+    target = target_distribution(y, num_classes)
     if (cfg.mixup <= 0 and cfg.cutmix <= 0) or float(torch.rand(())) > cfg.mix_prob:
         return x, target
     perm = torch.randperm(x.shape[0], device=x.device)

@@ -27,6 +27,7 @@ from .metrics import (ECE_BINS, calibration_bins, classification_metrics, expect
 
 log = logging.getLogger("training.calibrate")
 
+
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Calibrate an image model's probabilities (temperature scaling)",
                                 add_help=add_help)
@@ -94,7 +95,8 @@ def main(args: argparse.Namespace) -> dict:
     loader = DataLoader(image_dataset(args.data, model.spec.to_dict()), batch_size=256, num_workers=args.workers)
     flips = {"off": (False,), "on": (True,), "auto": (False, True)}[args.tta_flip]
     scored = {flip: collect_logits(model, loader, flip) for flip in flips}
-    flip = max(flips, key=lambda f: float((scored[f][0].argmax(-1) == scored[f][1]).float().mean()))
+    acc_by_flip = {f: float((lg.argmax(-1) == lb).float().mean()) for f, (lg, lb) in scored.items()}
+    flip = max(flips, key=acc_by_flip.__getitem__)
     logits, labels = scored[flip]
     t = fit_temperature(logits, labels)
     names = list(model.spec.labels)
@@ -103,7 +105,7 @@ def main(args: argparse.Namespace) -> dict:
               "ece_before": before["ece"], "ece_after": after["ece"], "ece_after_2fold": crossval_ece(logits, labels),
               "nll_before": before["nll"], "nll_after": after["nll"],
               "acc": after["acc"], "acc_top3": after["acc_top3"],
-              "acc_by_tta_flip": {str(f): float((s[0].argmax(-1) == s[1]).float().mean()) for f, s in scored.items()}}
+              "acc_by_tta_flip": {str(f): acc for f, acc in acc_by_flip.items()}}
     log.info("temperature %.3f: ECE %.4f -> %.4f (2-fold %.4f), NLL %.4f -> %.4f", t, report["ece_before"],
              report["ece_after"], report["ece_after_2fold"], report["nll_before"], report["nll_after"])
     model.spec.extra.pop("tta_flip", None)
@@ -116,9 +118,10 @@ def main(args: argparse.Namespace) -> dict:
     meta["metrics"] = {k: after[k] for k in ("acc", "acc_top3", "n", "per_class", "confusion")}
     save_weights(model, args.out, **meta)
     if args.reliability_png:
-        title = f"{model.spec.arch} on {args.data}: ECE {report['ece_before']:.3f} -> {report['ece_after']:.3f} (T={t:.2f})"
-        reliability_figure(calibration_bins(logits.softmax(-1), labels), calibration_bins((logits / t).softmax(-1), labels),
-                           title).savefig(args.reliability_png, dpi=100)
+        title = (f"{model.spec.arch} on {args.data}: ECE {report['ece_before']:.3f} -> "
+                 f"{report['ece_after']:.3f} (T={t:.2f})")
+        bins = [calibration_bins((logits / temp).softmax(-1), labels) for temp in (1.0, t)]
+        reliability_figure(*bins, title).savefig(args.reliability_png, dpi=100)
     print(json.dumps(report))
     return report
 

@@ -6,7 +6,6 @@ batched on the training device (see ``training.augment``).
 """
 from __future__ import annotations
 
-import logging
 import random
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -16,12 +15,11 @@ from PIL import Image
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from handlers.contract import DetectionMode
-from handlers.faces import DEFAULT_MARGIN, FaceDetector, largest_face
+from handlers.faces import FaceDetector, largest_face
 from handlers.preprocess import decode_image, to_uint8
 
 from .labelled_files import class_counts, class_folders, read_labels_csv, read_list_file
 
-log = logging.getLogger(__name__)
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 FaceCropFn = Callable[[Image.Image], Image.Image]
@@ -33,7 +31,7 @@ def detected_face_crop(spec: Mapping[str, Any], device: str = "cpu", mode: Detec
     """The handler's detect-and-align step as a PIL → PIL function: ``handlers.faces.largest_face``
     with the spec's size, margin and channels (the whole image when no face is found)."""
     detector = FaceDetector(device=device, min_face_size=min_face_size) if mode != "never" else None
-    args = (int(spec["input_size"]), float(spec.get("face_margin") or 0.0) or DEFAULT_MARGIN, int(spec["channels"]))
+    args = (int(spec["input_size"]), spec.get("face_margin"), int(spec["channels"]))
     return lambda img: largest_face(img, detector, mode, *args).image
 
 
@@ -45,7 +43,6 @@ class _EncodedImages(Dataset):
         self.files, self.labels = list(files), list(labels)
         self.spec, self.face_crop = dict(spec), face_crop
         self.targets: torch.Tensor | None = None  # (N, K) soft targets to return instead of labels
-
 
     def __len__(self) -> int:
         return len(self.files)

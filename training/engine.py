@@ -21,7 +21,7 @@ from handlers.preprocess import LUMA_WEIGHTS, normalize
 from model_defs import atomic_save, checkpoint_dict, inference_model, load_checkpoint, save_weights, unwrap
 
 from .augment import AugmentConfig, train_batch
-from .losses import locality_preserving_loss, soft_cross_entropy
+from .losses import locality_preserving_loss, soft_cross_entropy, target_distribution
 from .metrics import classification_metrics, confusion_figure
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ def predict_logits(model: nn.Module, x: torch.Tensor, tta_flip: bool | None = No
 
 @torch.inference_mode()
 def evaluate_model(model: nn.Module, loader: Iterable, device: torch.device | str = "cpu",
-             tta_flip: bool | None = None, progress: bool = False) -> dict[str, Any]:
+                   tta_flip: bool | None = None, progress: bool = False) -> dict[str, Any]:
     """Evaluate a classifier as served (the spec's mirror averaging and temperature): acc,
     acc_top3, n, per-class recall, confusion matrix, loss (NLL) and calibration error (ECE)."""
     model.eval()
@@ -165,7 +165,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable, opt: torch.optim.Optimiz
         if x.dtype == torch.uint8:
             x, target = train_batch(x, y, spec, cfg.augment, len(spec["labels"]))
         else:
-            x, target = prepare_batch(x, spec), (y.float() if y.dim() == 2 else F.one_hot(y, len(spec["labels"])).float())
+            x, target = prepare_batch(x, spec), target_distribution(y, len(spec["labels"]))
         with torch.autocast(device.type, enabled=use_amp):
             logits = model(x)  # through the DDP wrapper, so gradients are synchronised
             loss = soft_cross_entropy(logits, target, cfg.label_smoothing, weights)

@@ -84,8 +84,8 @@ def main(args: argparse.Namespace) -> dict:
                detection=args.detection if args.detect_faces else "never",
                labels="ferplus_majority" if args.ferplus else "dataset")
     if args.confusion_png:
-        confusion_figure(out["confusion"], spec["labels"], f"{spec['arch']} on {args.data} (acc {out['acc']:.3f})").savefig(
-            args.confusion_png, dpi=100)
+        title = f"{spec['arch']} on {args.data} (acc {out['acc']:.3f})"
+        confusion_figure(out["confusion"], spec["labels"], title).savefig(args.confusion_png, dpi=100)
     print(json.dumps(out))
     return out
 

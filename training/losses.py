@@ -5,6 +5,11 @@ import torch
 import torch.nn.functional as F
 
 
+def target_distribution(y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Targets as ``(N, K)`` distributions: class indices become one-hot, soft targets stay."""
+    return y.float() if y.dim() == 2 else F.one_hot(y, num_classes).float()
+
+
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, smoothing: float = 0.0,
                        class_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy against soft targets (mixup/cutmix), with label smoothing and class weights."""

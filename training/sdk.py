@@ -38,8 +38,8 @@ from model_defs import (DEFAULT_MODEL, LABELS, SHIPPED_WEIGHTS, CheckpointError,
                         default_spec, is_checkpoint, list_models, load_file)
 from model_defs.video_nets import with_frame_network
 
-from .labelled_files import label_index
 from .engine import FitConfig, evaluate_model, fit, predict_logits, setup_distributed
+from .labelled_files import label_index
 from .video_task import clip_probs
 
 log = logging.getLogger(__name__)
@@ -344,7 +344,7 @@ class EmotionRecognizer:
             arch = ckpt["spec"].get("arch") if is_checkpoint(ckpt) else None
             if arch == name:
                 log.info("loading shipped weights %s", path)
-                return model_from_file(path, name, self.task, strict_arch=True)
+                return model_from_weights(ckpt, path, name, self.task, strict_arch=True)
             log.warning("%s holds %r weights, not %r: not used", path, arch, name)
         model = create_model(name, default_spec(name))
         image_weights = Path(SHIPPED_WEIGHTS["image"])
@@ -414,7 +414,11 @@ def _device(n_gpu: int) -> tuple[bool, torch.device]:
 
 def model_from_file(path: Path, name: str, task: str, strict_arch: bool) -> nn.Module:
     """Our checkpoint (its spec decides the network) or a bare state_dict for network ``name``."""
-    obj = load_file(path)
+    return model_from_weights(load_file(path), path, name, task, strict_arch)
+
+
+def model_from_weights(obj: Mapping[str, Any], path: Path, name: str, task: str, strict_arch: bool) -> nn.Module:
+    """:func:`model_from_file` for the already loaded contents of ``path``."""
     if is_checkpoint(obj):
         spec = ModelSpec.from_dict(obj["spec"])
         if spec.task != task:
