@@ -43,6 +43,10 @@ IMAGE_DEFAULTS: Mapping[str, Any] = MappingProxyType({
     "max_pixels": MAX_IMAGE_PIXELS,
     "optimize": True,  # MKLDNN graph on CPU, kept only if it gives the plain model's output
     "half": True,  # float16 autocast on GPU, likewise
+    # POST /explanations: the attribution method (handlers/explain.py METHODS; occlusion was the
+    # most faithful and runs on the optimized graph, bench/bench_explain.py) and its map's cells per side
+    "explain_method": "occlusion",
+    "explain_grid": 16,
 })
 """The image handler's options (``handlers/image_handler.py``)."""
 
@@ -70,6 +74,11 @@ VIDEO_DEFAULTS: Mapping[str, Any] = MappingProxyType({
     "max_people": 8,
     "pooling": "",  # a per-frame model's pooling (handlers/video_pool.py); "": the spec's own
     "optimize": True,
+    # POST /explanations: per person, the explain_frames frames that weighed most in the clip's
+    # answer, each with a map as the image handler's (explain_method, explain_grid)
+    "explain_method": "occlusion",
+    "explain_grid": 16,
+    "explain_frames": 3,
 })
 """The video handler's options (``handlers/video_handler.py``)."""
 

@@ -26,6 +26,13 @@ multipart form fields beside the image, JSON fields beside the base64 image, or 
 
 A request that cannot be used gets its own 4xx and ``{"code", "type", "message"}`` while the
 rest of the batch is answered.
+
+``POST /explanations/emotion_image`` (TorchServe sets the request header ``explain``; gRPC
+``Explanations`` too) answers the same, plus per face an ``explanation`` of its top label (or of
+``target``, a label sent like the options above): ``{"label", "method", "grid", "map": grid x grid
+floats in [0, 1], rows from the crop's top, "corners": the crop's top-left, top-right,
+bottom-right and bottom-left corners in the image's pixels}`` (``handlers/explain.py``; options
+``explain_method`` and ``explain_grid``). Explanation and prediction requests may share a batch.
 """
 from __future__ import annotations
 
@@ -39,11 +46,12 @@ from PIL import Image
 from ts.torch_handler.base_handler import BaseHandler
 
 try:  # inside the repository (package import)
-    from . import common, faces, preprocess
+    from . import common, explain, faces, preprocess
     from . import metrics as handler_metrics
     from .contract import DETECTION_MODES
 except ImportError:  # inside a .mar the shared modules sit flat beside the handler
     import common  # type: ignore[no-redef]
+    import explain  # type: ignore[no-redef]
     import faces  # type: ignore[no-redef]
     from contract import DETECTION_MODES  # type: ignore[no-redef]
     import metrics as handler_metrics  # type: ignore[no-redef]
@@ -135,6 +143,9 @@ class EmotionImageHandler(BaseHandler):
             self.model = common.optimize_for_cpu(
                 self.model, example, lambda: common.load_scripted_model(context, self.device)[0])
             self.optimized = "mkldnn" in str(getattr(self.model, "graph", "")).lower()
+        # explanations: on this graph (occlusion), or on a plain copy for a gradient method
+        self.explainer = explain.Explainer(options, self.model, self.optimized,
+                                           lambda: common.load_scripted_model(context, self.device)[0])
         self.half = (self.device.type == "cuda" and bool(options["half"])
                      and self._half_matches(example.to(self.device)))
         self.face_margin = self.spec.get("face_margin")  # None/0: faces.DEFAULT_MARGIN
@@ -143,11 +154,13 @@ class EmotionImageHandler(BaseHandler):
             self.detector()
         self._warm_up()
         self.batch_metrics = handler_metrics.BatchMetrics(None)  # replaced per batch
+        self.batch_explain = explain.BatchExplanations()  # likewise
         self.initialized = True
         logger.info("loaded %s (%s) on %s, %d threads, optimized %s, float16 %s; detection %s, "
-                    "min face %d px, max %d faces", self.manifest["model"]["serializedFile"], self.spec.get("arch"), self.device,
-                    torch.get_num_threads(), self.optimized, self.half, self.detection,
-                    self.min_face_size, self.max_faces)
+                    "min face %d px, max %d faces; explanations %s %dx%d", self.manifest["model"]["serializedFile"],
+                    self.spec.get("arch"), self.device, torch.get_num_threads(), self.optimized, self.half,
+                    self.detection, self.min_face_size, self.max_faces, self.explainer.method,
+                    self.explainer.grid, self.explainer.grid)
 
     def detector(self) -> faces.FaceDetector:
         """The MTCNN detector on the worker's device (created on first use)."""
@@ -210,8 +223,10 @@ class EmotionImageHandler(BaseHandler):
         each of its crops, and per request its ``detection`` note (None for a failed request).
         """
         crop_batch = common.CropBatch(len(data))
-        # this batch's figures (handlers/metrics.py); a worker runs one batch at a time
+        # this batch's figures (handlers/metrics.py) and explanation requests; a worker runs one
+        # batch at a time
         self.batch_metrics = metrics = handler_metrics.BatchMetrics(self.context)
+        self.batch_explain = explaining = explain.BatchExplanations()
         metrics.batch_size = len(data)
         extras: list[list[dict[str, Any]]] = [[] for _ in data]
         notes: list[dict[str, Any] | None] = [None] * len(data)
@@ -220,6 +235,8 @@ class EmotionImageHandler(BaseHandler):
         for idx, row in enumerate(data):
             try:
                 opts = self.request_options(row)
+                if explain.wants_explanation(self.context, idx):
+                    explaining.want(idx, explain.request_target(_option_sources(row), self.labels))
                 with metrics.timed("decode"):
                     image = preprocess.decode_image(common.extract_body(row, ("image", "file")),
                                                     max_pixels=self.max_pixels)
@@ -245,6 +262,9 @@ class EmotionImageHandler(BaseHandler):
             for crop, tensor in zip(crops, tensors):
                 crop_batch.add(idx, crop.box, crop.detected, tensor)
                 extras[idx].append(crop.face.to_dict() if crop.face is not None else {})
+                if idx in explaining.targets:
+                    explaining.corners[idx].append(
+                        explain.crop_corners(crop.face, crop.box, self.input_size, self.face_margin))
             n_found = sum(c.detected for c in crops)
             notes[idx] = {"mode": mode, "faces_detected": n_found,
                           "whole_image": n_found == 0 and len(crops) == 1}
@@ -263,7 +283,16 @@ class EmotionImageHandler(BaseHandler):
                 x = x.pin_memory().to(self.device, non_blocking=True)
             logits = self.model(x)
             probs = torch.softmax(logits.float(), dim=1).cpu()
+        if self.batch_explain:  # the explanation requests' faces (none on /predictions)
+            self.batch_explain.run(self.explainer, x, probs, [idx for idx, _, _ in crops.owners])
         return batch, probs
+
+    def explain_handle(self, data_preprocess: ImageBatch, raw_data: list[Any]) -> list[Any]:
+        """``POST /explanations``: the predictions' answer, each face with its map. ``inference``
+        computes the maps of every request that came in as an explanation, so a batch that mixes
+        both kinds is answered right whichever kind its first request is (BaseHandler looks at
+        that one only)."""
+        return self.postprocess(self.inference(data_preprocess))
 
     def postprocess(self, data: tuple[ImageBatch, torch.Tensor]) -> list[Any]:
         """Exactly one response per request: faces with top-k emotions, or that request's error."""
@@ -271,11 +300,16 @@ class EmotionImageHandler(BaseHandler):
         results: list[Any] = []
         for idx, crops in enumerate(crop_batch.split(probs.tolist())):
             entries = []
-            for (box, detected, row), extra in zip(crops, extras[idx]):
+            maps = self.batch_explain.maps.get(idx, [])
+            for k, ((box, detected, row), extra) in enumerate(zip(crops, extras[idx])):
                 entry = {"box": box, "detected": detected}
                 if extra:
                     entry.update(score=extra["score"], landmarks=extra["landmarks"])
                 entry[f"top{self.topk}"] = common.topk(row, self.labels, self.topk)
+                if k < len(maps):
+                    label, cell_map = maps[k]
+                    entry["explanation"] = self.explainer.entry(
+                        self.labels[label], cell_map, self.batch_explain.corners[idx][k])
                 entries.append(entry)
             answer: dict[str, Any] = {"faces": entries}
             if notes[idx] is not None:
