@@ -51,6 +51,21 @@ video-weights: install
 	$(PY) -m training.video_from_image --image pretrain/emotion_image.pth --out pretrain/emotion_video.pth \
 		--archive $(MODEL_STORE)
 
+# KServe's storage layout (deploy/kserve/store/: config/*.properties, model-store/*.mar) from the
+# shipped weights, for the manifests in deploy/kserve/ and deploy/k8s/ (docs/deploying.md, "Kubernetes").
+.PHONY: kserve-store kserve-venv
+kserve-store: $(STAMP) pretrain/emotion_image.pth pretrain/emotion_video.pth
+	$(PY) -m deploy.kserve_store --out deploy/kserve/store
+
+# KServe's Python model server, for tests/test_kserve_server.py only: a venv of its own, because
+# kserve's pins would downgrade protobuf, grpcio-tools and psutil in .venv.
+KSERVE_VENV := deploy/.kserve-venv
+kserve-venv: $(KSERVE_VENV)/.installed
+$(KSERVE_VENV)/.installed:
+	test -x $(KSERVE_VENV)/bin/python || $(PYTHON) -m venv $(KSERVE_VENV)
+	$(KSERVE_VENV)/bin/python -m pip install kserve==0.21.0 requests
+	touch $@
+
 pretrain/%.pth:
 	@echo "ERROR: $@ is missing: train it (python -m training.run) or restore the shipped weights" >&2; exit 1
 

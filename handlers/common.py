@@ -127,17 +127,39 @@ class Failures:
         return len(self.by_index)
 
     def apply(self, context: Any, results: list[Any]) -> list[Any]:
-        """Put error bodies and statuses into ``results`` (one item per request) and the context."""
-        for idx in range(len(results)):
-            set_json_response(context, idx, self.by_index.get(idx, {}).get("code", 200))
+        """Put error bodies and statuses into ``results`` (one item per input) and the context.
+
+        Normally every input is one TorchServe request with its own status. Behind a request
+        envelope (``service_envelope=kserve|kservev2``) the inputs are the instances of one
+        request, which has one status: 200 if every instance was answered, else the first
+        failed instance's (each instance's answer or error stays in the body); behind the
+        ``kservev2`` envelope each answer is JSON text, one BYTES output per input."""
         for idx, body in self.by_index.items():
             results[idx] = body
+        n_requests = request_count(context)
+        if n_requests is None or n_requests == len(results):
+            for idx in range(len(results)):
+                set_json_response(context, idx, self.by_index.get(idx, {}).get("code", 200))
+        else:
+            status = self.by_index[min(self.by_index)]["code"] if self.by_index else 200
+            for idx in range(n_requests):
+                set_json_response(context, idx, status)
+        if hasattr(context, "input_names"):  # set by the kservev2 envelope while it runs
+            # Open Inference Protocol BYTES elements are strings: each answer as JSON text (as
+            # an object, KServe's model server would pass it on as a Python repr)
+            results = [json.dumps(r) for r in results]
         return results
+
+
+def request_count(context: Any) -> int | None:
+    """How many TorchServe requests the batch holds (None outside TorchServe)."""
+    processors = getattr(context, "_request_processor", None) if context is not None else None
+    return None if processors is None else len(processors)
 
 
 def set_json_response(context: Any, idx: int, status: int = 200) -> None:
     """Set request ``idx``'s status and JSON content type (no-op without a request processor)."""
-    if context is None or getattr(context, "_request_processor", None) is None:
+    if request_count(context) is None:
         return
     try:
         phrase = HTTPStatus(status).phrase

@@ -85,3 +85,19 @@ VIDEO_DEFAULTS: Mapping[str, Any] = MappingProxyType({
 HANDLER_DEFAULTS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
     {"image": IMAGE_DEFAULTS, "video": VIDEO_DEFAULTS})
 """Per task, the ``handler:`` section of its archive's ``model-config.yaml``."""
+
+# --- Kubernetes / KServe (deploy/; the store built by ``python -m deploy.kserve_store``) ------
+KSERVE_MODEL_ROOT = "/mnt/models"
+"""Where KServe's storage initializer puts the store in the predictor pod (``config/``,
+``model-store/``): the paths inside the store's ``config.properties`` start here."""
+
+KSERVE_PREDICTOR_PORT = 8085
+"""TorchServe's inference (and management) port behind KServe's model server in the same
+container: the TorchServe KServe image's wrapper (``kserve_wrapper``) forwards to this port."""
+
+KSERVE_HTTP_PORT = 8080
+"""The port of KServe's model server, the pod's serving port (``/v1/models/<name>:predict``,
+``/v2/models/<name>/infer``)."""
+
+SERVICE_ENVELOPES: Mapping[str, str] = MappingProxyType({"v1": "kserve", "v2": "kservev2"})
+"""TorchServe's ``service_envelope`` per KServe protocol version (``protocolVersion``)."""

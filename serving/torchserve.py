@@ -124,6 +124,7 @@ class TorchServe:
         self.metrics_url = props.get("metrics_address", "http://127.0.0.1:8082")
         self.grpc_inference = f"{props.get('grpc_inference_address', '127.0.0.1')}:{props.get('grpc_inference_port', '7070')}"
         self.grpc_management = f"{props.get('grpc_management_address', '127.0.0.1')}:{props.get('grpc_management_port', '7071')}"
+        self.token_auth = props.get("disable_token_authorization", "false").strip().lower() != "true"
         self.pid: int | None = None
         self.launched = False
         self.keys: dict[str, str] = {}
@@ -175,7 +176,8 @@ class TorchServe:
             self.pid = live_server_pid()
             self._check_deadline(deadline, "the TorchServe process to appear")
             time.sleep(0.2)
-        self._wait_keys(deadline)
+        if self.token_auth:
+            self._wait_keys(deadline)
         for name in self.model_names:
             self._wait_ready(name, deadline)
         logger.info("TorchServe pid %d ready with %s", self.pid, ", ".join(self.model_names))
@@ -198,8 +200,9 @@ class TorchServe:
         return names
 
     def auth(self, kind: str = "inference") -> dict[str, str]:
-        """``Authorization`` header for the ``inference`` or ``management`` API."""
-        return {"Authorization": f"Bearer {self.keys[kind]}"}
+        """``Authorization`` header for the ``inference`` or ``management`` API (none when the
+        config switches token authorization off)."""
+        return {"Authorization": f"Bearer {self.keys[kind]}"} if self.token_auth else {}
 
     def grpc_metadata(self, kind: str = "inference") -> tuple[tuple[str, str], ...]:
         """gRPC call metadata carrying the token."""

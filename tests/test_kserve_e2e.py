@@ -1,0 +1,214 @@
+"""End to end: the KServe store (``deploy.kserve_store``) served by a real TorchServe with
+``service_envelope=kservev2`` and ``kserve``: Open Inference Protocol and KServe v1 requests
+(images as base64 BYTES, several in one request, a video, bad input) answer what the plain
+``/predictions`` route answers for the same bytes; and KServe's own model server (the
+``kserve`` package, when ``make kserve-venv`` installed it) in front of TorchServe."""
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import requests
+
+from deploy.kserve_store import StoreConfig, build_store, write_configs
+from export.archive import TASKS
+from serving import running_server
+from tests.test_video_handler import _same, video_checkpoint
+from tests.tsserver import image_weights, send_together
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).parent / "fixtures"
+FACES = sorted((FIXTURES / "faces").glob("*/*.jpg"))[:2]
+GROUP = FIXTURES / "photos" / "group.jpg"
+CLIP = FIXTURES / "video" / "mead_happy_1s_128.mp4"
+NOT_MEDIA = b"this is not an image"
+IMAGE, VIDEO = (TASKS[t].archive_name(t) for t in ("image", "video"))
+INPUTS = {IMAGE: [*FACES, GROUP], VIDEO: [CLIP]}
+KSERVE_PYTHON = Path(os.environ.get("KSERVE_PYTHON", REPO / "deploy" / ".kserve-venv" / "bin" / "python"))
+
+
+def serve(store: Path, config: str, workdir: Path):
+    """TorchServe on the store with one of its configurations (as KServe's runtime starts it)."""
+    return running_server(store / "model-store", [IMAGE, VIDEO], workdir, config=store / "config" / config)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    """The store, built as ``make kserve-store`` builds it, mounted where it lies."""
+    tmp = tmp_path_factory.mktemp("kserve")
+    shipped_video = REPO / "pretrain" / "emotion_video.pth"
+    video = shipped_video if shipped_video.is_file() else video_checkpoint(tmp / "video.pth")
+    store = tmp / "store"
+    build_store(store, {"image": image_weights(tmp), "video": video}, root=str(store))
+    write_configs(store, str(store), {"v1.properties": StoreConfig("v1", 0, tuple(TASKS))})
+    return store
+
+
+@pytest.fixture(scope="module")
+def plain(store, tmp_path_factory) -> dict:
+    """What ``POST /predictions/<model>`` answers for every input (the same archives, no envelope)."""
+    answers: dict = {}
+    with serve(store, "rest.properties", tmp_path_factory.mktemp("plain")) as ts:
+        for model, paths in INPUTS.items():
+            for path in paths:
+                r = requests.post(ts.predictions_url(model), data=path.read_bytes(), headers=ts.auth(), timeout=120)
+                assert r.status_code == 200, r.text
+                answers[path] = r.json()
+        r = requests.post(ts.predictions_url(IMAGE), data=NOT_MEDIA, headers=ts.auth(), timeout=60)
+        assert 400 <= r.status_code < 500, r.text
+        answers[NOT_MEDIA] = (r.status_code, r.json())
+    return answers
+
+
+@pytest.fixture(scope="module", params=["v2", "v1"])
+def kserve(request, store, plain, tmp_path_factory) -> Iterator[tuple[str, object]]:
+    """TorchServe with the store's KServe configuration: the shipped ``config.properties``
+    (``service_envelope=kservev2``), or the same with ``kserve`` (v1)."""
+    config = "config.properties" if request.param == "v2" else "v1.properties"
+    with serve(store, config, tmp_path_factory.mktemp(f"kserve-{request.param}")) as ts:
+        yield request.param, ts
+
+
+def infer(base_url: str, protocol: str, model: str, bodies: list[bytes], headers: dict | None = None
+          ) -> requests.Response:
+    """One KServe request carrying every body as base64: v2 one BYTES input each, v1 one instance each."""
+    b64 = [base64.b64encode(b).decode() for b in bodies]
+    if protocol == "v2":
+        payload = {"inputs": [{"name": f"input-{i}", "shape": [1], "datatype": "BYTES", "data": [x]}
+                              for i, x in enumerate(b64)]}
+        url = f"{base_url}/v2/models/{model}/infer"
+    else:
+        payload = {"instances": [{"data": x} for x in b64]}
+        url = f"{base_url}/v1/models/{model}:predict"
+    return requests.post(url, json=payload, headers=headers or {}, timeout=120)
+
+
+def answers_of(protocol: str, model: str, r: requests.Response, n: int) -> list:
+    """The per-input answers of a KServe response, after checking its protocol's shape."""
+    assert r.headers["content-type"].startswith("application/json")
+    body = r.json()
+    if protocol == "v1":
+        assert list(body) == ["predictions"] and len(body["predictions"]) == n, body
+        return body["predictions"]
+    assert body["model_name"] == model and len(body["outputs"]) == n, body
+    out = []
+    for i, output in enumerate(body["outputs"]):
+        assert output["name"] == f"input-{i}" and output["datatype"] == "BYTES"
+        assert list(output["shape"]) == [1] and len(output["data"]) == 1
+        out.append(json.loads(output["data"][0]))  # a BYTES element: the answer as JSON text
+    return out
+
+
+def same_as_plain(got: list, want: list) -> None:
+    assert len(got) == len(want) and all(_same(g, w) for g, w in zip(got, want)), (got, want)
+
+
+def test_one_image_as_base64_bytes(kserve, plain):
+    protocol, ts = kserve
+    r = infer(ts.inference_url, protocol, IMAGE, [FACES[0].read_bytes()], ts.auth())
+    assert r.status_code == 200, r.text
+    same_as_plain(answers_of(protocol, IMAGE, r, 1), [plain[FACES[0]]])
+
+
+def test_several_images_in_one_request(kserve, plain):
+    protocol, ts = kserve
+    paths = INPUTS[IMAGE]
+    r = infer(ts.inference_url, protocol, IMAGE, [p.read_bytes() for p in paths], ts.auth())
+    assert r.status_code == 200, r.text
+    got = answers_of(protocol, IMAGE, r, len(paths))
+    same_as_plain(got, [plain[p] for p in paths])
+    assert len(got[-1]["faces"]) == plain[GROUP]["detection"]["faces_detected"] > 1  # the group photo
+
+
+def test_a_video(kserve, plain):
+    protocol, ts = kserve
+    r = infer(ts.inference_url, protocol, VIDEO, [CLIP.read_bytes()], ts.auth())
+    assert r.status_code == 200, r.text
+    same_as_plain(answers_of(protocol, VIDEO, r, 1), [plain[CLIP]])
+
+
+def test_bad_input_in_a_request_gets_its_4xx_and_the_others_are_answered(kserve, plain):
+    """One request, one status: the bad input's 4xx; every input's answer or error in the body."""
+    protocol, ts = kserve
+    status, error = plain[NOT_MEDIA]
+    r = infer(ts.inference_url, protocol, IMAGE, [FACES[0].read_bytes(), NOT_MEDIA, GROUP.read_bytes()], ts.auth())
+    assert r.status_code == status, r.text
+    got = answers_of(protocol, IMAGE, r, 3)
+    assert got[1] == error and set(error) == {"code", "type", "message"} and "cannot decode image" in error["message"]
+    same_as_plain([got[0], got[2]], [plain[FACES[0]], plain[GROUP]])
+
+
+def test_concurrent_requests_each_get_their_own_status(kserve, plain):
+    """Good and bad requests at once (the envelope serves them one by one: batch size 1)."""
+    protocol, ts = kserve
+    status, error = plain[NOT_MEDIA]
+    bodies = [FACES[0].read_bytes(), NOT_MEDIA, FACES[1].read_bytes(), NOT_MEDIA]
+    results = send_together(lambda b: infer(ts.inference_url, protocol, IMAGE, [b], ts.auth()), bodies)
+    assert [r.status_code for r in results] == [200, status, 200, status]
+    same_as_plain([answers_of(protocol, IMAGE, results[i], 1)[0] for i in (0, 2)], [plain[FACES[0]], plain[FACES[1]]])
+    assert all(answers_of(protocol, IMAGE, results[i], 1) == [error] for i in (1, 3))
+
+
+def test_the_plain_route_is_not_served_behind_an_envelope(kserve):
+    """The envelope parses every request as KServe JSON: the store's REST config is for /predictions."""
+    _, ts = kserve
+    r = requests.post(ts.predictions_url(IMAGE), data=FACES[0].read_bytes(), headers=ts.auth(), timeout=60)
+    assert r.status_code >= 500, r.text
+
+
+def free_port() -> int:
+    with contextlib.closing(socket.socket()) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def kserve_model_server(config: Path, log: Path) -> Iterator[str]:
+    """``python -m deploy.kserve_frontend`` (the ``kserve`` package's model server) on a free port."""
+    port = free_port()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([str(KSERVE_PYTHON), "-m", "deploy.kserve_frontend", "--ts-config", str(config),
+                                 "--http-port", str(port)], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONPATH": str(REPO)})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with contextlib.suppress(requests.ConnectionError):
+                if requests.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
+                    break
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+@pytest.mark.skipif(not KSERVE_PYTHON.is_file(), reason=f"no kserve venv at {KSERVE_PYTHON} (make kserve-venv)")
+def test_through_kserves_model_server(kserve, plain, store, tmp_path):
+    """KServe's model server in front, as in KServe's TorchServe runtime: same answers; its
+    health and metadata routes answer; a bad input comes back 500, TorchServe's message inside."""
+    protocol, ts = kserve
+    config = store / "config" / ("config.properties" if protocol == "v2" else "v1.properties")
+    with kserve_model_server(config, tmp_path / "kserve.log") as url:
+        assert requests.get(f"{url}/v2/models/{IMAGE}/ready", timeout=10).json() == {"name": IMAGE, "ready": True}
+        paths = INPUTS[IMAGE]
+        r = infer(url, protocol, IMAGE, [p.read_bytes() for p in paths])
+        assert r.status_code == 200, r.text
+        same_as_plain(answers_of(protocol, IMAGE, r, len(paths)), [plain[p] for p in paths])
+        r = infer(url, protocol, VIDEO, [CLIP.read_bytes()])
+        same_as_plain(answers_of(protocol, VIDEO, r, 1), [plain[CLIP]])
+        status, error = plain[NOT_MEDIA]
+        r = infer(url, protocol, IMAGE, [NOT_MEDIA])
+        assert r.status_code == 500 and f"'{status} " in r.json()["error"] and error["message"] in r.json()["error"]
