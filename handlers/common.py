@@ -77,6 +77,24 @@ def _looks_json(value: bytes | bytearray) -> bool:
         return False
 
 
+def option_sources(row: Any) -> list[Mapping[str, Any]]:
+    """Where per-request options can sit: the request's fields (form fields, gRPC inputs)
+    and a JSON object body (with or without a JSON content type)."""
+    if not isinstance(row, Mapping):
+        return []
+    sources: list[Mapping[str, Any]] = [row]
+    for key in BODY_KEYS:
+        body = row.get(key)
+        if isinstance(body, (bytes, bytearray)) and body[:1] == b"{":
+            try:
+                body = json.loads(bytes(body).decode("utf-8"))
+            except (UnicodeDecodeError, ValueError):
+                body = None
+        if isinstance(body, Mapping):
+            sources.append(body)
+    return sources
+
+
 def _b64decode(text: str) -> bytes:
     text = text.strip()
     if text.startswith("data:") and "," in text:  # data URI

@@ -11,6 +11,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Iterator
@@ -164,6 +165,14 @@ def test_the_plain_route_is_not_served_behind_an_envelope(kserve):
     _, ts = kserve
     r = requests.post(ts.predictions_url(IMAGE), data=FACES[0].read_bytes(), headers=ts.auth(), timeout=60)
     assert r.status_code >= 500, r.text
+
+
+def test_the_probe_passes_on_the_store_configuration(kserve):
+    """deploy/probe.py as the manifests run it, token authorization off (no key file)."""
+    _, ts = kserve
+    cmd = [sys.executable, str(REPO / "deploy" / "probe.py"), "--management", ts.management_url, IMAGE, VIDEO]
+    r = subprocess.run(cmd, cwd=ts.workdir, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and not (ts.workdir / "key_file.json").exists(), r.stderr
 
 
 def free_port() -> int:
