@@ -234,24 +234,43 @@ def labels_for(probs: torch.Tensor, wanted: Sequence[int | None]) -> torch.Tenso
 
 # --- what the handlers share -------------------------------------------------------------------
 EXPLAIN_HEADER = "explain"
-"""The request header TorchServe's frontend sets to ``"True"`` on ``POST /explanations/<model>``
-(and the gRPC ``Explanations`` call); ``BaseHandler.handle`` reads it for the first request only."""
+"""The request header TorchServe's frontend sets to ``"True"`` on ``POST /explanations/<model>``;
+``BaseHandler.handle`` reads it for the first request of a batch only, the handlers per request."""
+
+EXPLAIN_FIELD = "explain"
+"""The request field that asks for explanations where the header cannot be sent (gRPC ``Predictions``)."""
 
 TARGET_FIELDS: tuple[str, ...] = ("target", "label")
 """Request fields naming the label to explain (a label or its index; TorchServe's own name is ``target``)."""
 
 
-def wants_explanation(context: Any, idx: int) -> bool:
-    """Whether request ``idx`` of the batch came in through the explanations API."""
+def wants_explanation(context: Any, idx: int, sources: Sequence[Mapping[str, Any]] = ()) -> bool:
+    """Whether request ``idx`` of the batch asks for explanations: it came in through the
+    explanations API (the ``explain`` header), or it sends an ``explain`` field (form field, JSON
+    field, gRPC input: TorchServe 0.12's gRPC API has no ``Explanations`` call) that is true.
+    Raises ``InputError(400)`` for a field that is neither true nor false."""
+    wanted = False
+    for source in sources:
+        if source.get(EXPLAIN_FIELD) is not None:
+            wanted = _flag(source[EXPLAIN_FIELD])
     if context is None or getattr(context, "_request_processor", None) is None:
-        return False
+        return wanted
     try:
         value = context.get_request_header(idx, EXPLAIN_HEADER)
     except (IndexError, KeyError, AttributeError):
-        return False
+        return wanted
     if isinstance(value, (bytes, bytearray)):
         value = bytes(value).decode("utf-8", "replace")
-    return str(value).strip().lower() == "true"
+    return wanted or str(value).strip().lower() == "true"
+
+
+def _flag(value: Any) -> bool:
+    text = (bytes(value).decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else str(value)).strip()
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise preprocess.InputError(f"explain must be true or false, not {text[:40]!r}", 400)
 
 
 def parse_target(value: Any, labels: Sequence[str]) -> int:
@@ -302,11 +321,13 @@ class Explainer:
 
 class BatchExplanations:
     """The explanation requests of one batch: per request index, the label asked for (None: the
-    top label), its crops' corners in the picture, and after inference its crops' (label, map)."""
+    top label), its crops' corners in the picture (images) or its frames' box ``[0, 0, w, h]``
+    (videos), and after inference its crops' (label, map)."""
 
     def __init__(self) -> None:
         self.targets: dict[int, int | None] = {}
         self.corners: dict[int, list[list[list[float]]]] = {}
+        self.frame_box: dict[int, list[float]] = {}
         self.maps: dict[int, list[tuple[int, torch.Tensor]]] = {}
 
     def __bool__(self) -> bool:
@@ -325,3 +346,15 @@ class BatchExplanations:
         maps = explainer.maps(x[rows], target.to(x.device))
         for r, label, cell_map in zip(rows, target.tolist(), maps):
             self.maps.setdefault(owners[r], []).append((label, cell_map))
+
+
+def leave_one_out(pool: Callable[[torch.Tensor], torch.Tensor], frame_probs: torch.Tensor, label: int) -> torch.Tensor:
+    """How much each frame weighs in a clip's answer for ``label``: the pooled probability with
+    every frame minus the pooled probability without that frame (``(T,)``; 0 for a single frame).
+    Any pooling (``pool``: ``(T, K)`` → ``(K,)``), as the clip's answer was pooled."""
+    n = frame_probs.shape[0]
+    if n < 2:
+        return torch.zeros(n)
+    full = float(pool(frame_probs)[label])
+    return torch.tensor([full - float(pool(torch.cat([frame_probs[:i], frame_probs[i + 1:]]))[label])
+                         for i in range(n)])

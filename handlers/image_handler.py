@@ -27,9 +27,10 @@ multipart form fields beside the image, JSON fields beside the base64 image, or 
 A request that cannot be used gets its own 4xx and ``{"code", "type", "message"}`` while the
 rest of the batch is answered.
 
-``POST /explanations/emotion_image`` (TorchServe sets the request header ``explain``; gRPC
-``Explanations`` too) answers the same, plus per face an ``explanation`` of its top label (or of
-``target``, a label sent like the options above): ``{"label", "method", "grid", "map": grid x grid
+``POST /explanations/emotion_image`` (TorchServe sets the request header ``explain``), or a
+request that sends ``explain=true`` like the options above (gRPC: TorchServe 0.12 has no
+``Explanations`` RPC), answers the same, plus per face an ``explanation`` of its top label (or of
+``target``, a label sent like the options): ``{"label", "method", "grid", "map": grid x grid
 floats in [0, 1], rows from the crop's top, "corners": the crop's top-left, top-right,
 bottom-right and bottom-left corners in the image's pixels}`` (``handlers/explain.py``; options
 ``explain_method`` and ``explain_grid``). Explanation and prediction requests may share a batch.
@@ -37,7 +38,6 @@ bottom-right and bottom-left corners in the image's pixels}`` (``handlers/explai
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from typing import Any, Mapping
 
@@ -93,24 +93,6 @@ def parse_max_faces(value: Any, limit: int) -> int:
         raise preprocess.InputError(f"max_faces must be an integer from 1 to {limit}, "
                                     f"not {_text(value)[:40]!r}", 400)
     return n
-
-
-def _option_sources(row: Any) -> list[Mapping[str, Any]]:
-    """Where per-request options can sit: the request's fields (form fields, gRPC inputs)
-    and a JSON object body (with or without a JSON content type)."""
-    if not isinstance(row, Mapping):
-        return []
-    sources: list[Mapping[str, Any]] = [row]
-    for key in common.BODY_KEYS:
-        body = row.get(key)
-        if isinstance(body, (bytes, bytearray)) and body[:1] == b"{":
-            try:
-                body = json.loads(bytes(body).decode("utf-8"))
-            except (UnicodeDecodeError, ValueError):
-                body = None
-        if isinstance(body, Mapping):
-            sources.append(body)
-    return sources
 
 
 class EmotionImageHandler(BaseHandler):
@@ -195,7 +177,7 @@ class EmotionImageHandler(BaseHandler):
     def request_options(self, row: Any) -> RequestOptions:
         """This request's ``detection`` and ``max_faces`` (configured values by default)."""
         mode, max_faces = self.detection, self.max_faces
-        for source in _option_sources(row):
+        for source in common.option_sources(row):
             if source.get("detection") is not None:
                 mode = parse_detection(source["detection"])
             if source.get("max_faces") is not None:
@@ -235,8 +217,9 @@ class EmotionImageHandler(BaseHandler):
         for idx, row in enumerate(data):
             try:
                 opts = self.request_options(row)
-                if explain.wants_explanation(self.context, idx):
-                    explaining.want(idx, explain.request_target(_option_sources(row), self.labels))
+                sources = common.option_sources(row)
+                if explain.wants_explanation(self.context, idx, sources):
+                    explaining.want(idx, explain.request_target(sources, self.labels))
                 with metrics.timed("decode"):
                     image = preprocess.decode_image(common.extract_body(row, ("image", "file")),
                                                     max_pixels=self.max_pixels)

@@ -13,6 +13,14 @@ Answer: ``{"top3": [...], "duration": s, "frames": n, "fps": f, "faces": {"found
 "timeline"}, ...]}``. The top-level answer is the main (most present) person's; ``timeline`` only
 for videos longer than one window; ``people`` only when a face was found. A request that cannot
 be used gets its own 4xx and ``{"code", "type", "message"}`` while the rest of the batch is answered.
+
+``POST /explanations/emotion_video`` (a per-frame model) answers the same, plus per person an
+``explanation``: the ``explain_frames`` sampled frames that weighed most in the person's answer
+for the whole clip (leave-one-out through the clip's pooling: the pooled probability of the
+person's top label, or of ``target``, with the frame minus without it), most first, each
+``{"frame", "time", "weight", "probability", "explanation": {"label", "method", "grid", "map",
+"corners"}}`` as the image handler's map of that frame's face crop (``handlers/explain.py``).
+A clip model (the hybrid CNN-RNN + C3D) gets 400: its explanations are not offered.
 """
 from __future__ import annotations
 
@@ -23,17 +31,24 @@ import torch
 from ts.torch_handler.base_handler import BaseHandler
 
 try:  # inside the repository (package import)
-    from . import common, faces, video_pipeline
+    from . import common, explain, faces, preprocess, video_pipeline
     from . import metrics as handler_metrics
     from .video_batch import VideoBatch, VideoRequest
 except ImportError:  # inside a .mar the shared modules sit flat beside the handler
     import common  # type: ignore[no-redef]
+    import explain  # type: ignore[no-redef]
     import faces  # type: ignore[no-redef]
     import metrics as handler_metrics  # type: ignore[no-redef]
+    import preprocess  # type: ignore[no-redef]
     import video_pipeline  # type: ignore[no-redef]
     from video_batch import VideoBatch, VideoRequest  # type: ignore[no-redef]
 
 logger = logging.getLogger(__name__)
+
+
+def _frame_size(req: VideoRequest) -> tuple[int, int]:
+    """Width and height of the request's decoded (upright) frames."""
+    return next(iter(req.frames.values())).size if req.frames else (req.info.width, req.info.height)
 
 # TorchServe requires the handler module to define exactly one class: the request and batch
 # records live in ``video_batch``.
@@ -69,8 +84,12 @@ class EmotionVideoHandler(BaseHandler):
             self.model = common.optimize_for_cpu(
                 self.model, example, lambda: common.load_scripted_model(context, self.device)[0])
             self.optimized = "mkldnn" in str(getattr(self.model, "graph", "")).lower()
+        self.explainer = explain.Explainer(opts, self.model, self.optimized,
+                                           lambda: common.load_scripted_model(context, self.device)[0])
+        self.explain_frames = max(1, int(opts["explain_frames"]))
         self._warm_up()
         self.batch_metrics = handler_metrics.BatchMetrics(None)  # replaced per batch
+        self.batch_explain = explain.BatchExplanations()  # likewise
         self.initialized = True
         logger.info("loaded %s (%s) on %s, %d threads, optimized %s; faces %s, pooling %s; %s",
                     self.manifest["model"]["serializedFile"], self.spec.get("arch"), self.device,
@@ -89,9 +108,16 @@ class EmotionVideoHandler(BaseHandler):
         batch = VideoBatch(len(data))
         # this batch's figures (handlers/metrics.py); a worker runs one batch at a time
         self.batch_metrics = m = handler_metrics.BatchMetrics(self.context)
+        self.batch_explain = explaining = explain.BatchExplanations()
         m.batch_size = len(data)
         for idx, row in enumerate(data):
             try:
+                sources = common.option_sources(row)
+                if explain.wants_explanation(self.context, idx, sources):
+                    if not self.pipeline.frame_model:
+                        raise preprocess.InputError("video explanations are offered for per-frame video "
+                                                    "models only; this archive holds a clip model", 400)
+                    explaining.want(idx, explain.request_target(sources, self.labels))
                 with m.timed("decode"):  # probe and decode the sampled frames
                     batch.requests.append(self.decode_request(idx, common.extract_body(row, BODY_NAMES)))
             except Exception as e:  # one bad request must not fail the batch
@@ -114,6 +140,8 @@ class EmotionVideoHandler(BaseHandler):
             if req.idx in batch.failures:
                 continue
             try:
+                if req.idx in self.batch_explain.targets:  # the frames' size, for whole-frame corners
+                    self.batch_explain.frame_box[req.idx] = [0.0, 0.0, *map(float, _frame_size(req))]
                 self.pipeline.people(req)
             except Exception as e:
                 batch.failures.add_exception(req.idx, e)
@@ -128,15 +156,66 @@ class EmotionVideoHandler(BaseHandler):
             probs = torch.softmax(logits.float(), dim=1).cpu()
         return batch, probs
 
+    def explain_handle(self, data_preprocess: VideoBatch, raw_data: list[Any]) -> list[Any]:
+        """``POST /explanations``: the predictions' answer with each person's weightiest frames and
+        their maps (``postprocess`` adds them for every request that came in as an explanation)."""
+        return self.postprocess(self.inference(data_preprocess))
+
+    def explain_person(self, req: VideoRequest, person: Any, target: int | None) -> list[dict[str, Any]]:
+        """The frames that weighed most in ``person``'s answer for the whole clip, each with its map."""
+        order = sorted(person.frame_probs)
+        frame_probs = torch.stack([person.frame_probs[i] for i in order])
+        label = int(person.probs[0].argmax()) if target is None else target
+        weights = explain.leave_one_out(self.pipeline.pool, frame_probs, label)
+        top = sorted(range(len(order)), key=lambda k: (-float(weights[k]), order[k]))[: self.explain_frames]
+        x = torch.stack([person.crops[order[k]] for k in top]).to(self.device)
+        maps = self.explainer.maps(x, torch.full((len(top),), label, dtype=torch.long, device=self.device))
+        times = req.info.timestamps
+        out = []
+        for k, cell_map in zip(top, maps):
+            i = order[k]
+            out.append({"frame": i, "time": round(times[i] - times[0], 3), "weight": round(float(weights[k]), 6),
+                        "probability": round(float(frame_probs[k, label]), 6),
+                        "explanation": self.explainer.entry(self.labels[label], cell_map,
+                                                            self._corners(req, person, i))})
+        return out
+
+    def _corners(self, req: VideoRequest, person: Any, i: int) -> list[list[float]]:
+        """Where the person's crop of frame ``i`` lies in the frame (as ``video_pipeline.people`` cut it)."""
+        box = self.batch_explain.frame_box[req.idx]
+        if person.track is None:
+            return explain.crop_corners(None, box, self.pipeline.size, self.pipeline.margin)
+        faces_of = person.track.faces
+        face = faces_of.get(i) or faces_of[min(faces_of, key=lambda j: (abs(j - i), j))]
+        if self.pipeline.detection == "auto" and max(box[2], box[3]) <= faces.TIGHT_MAX_SIDE:
+            face = None  # a face crop already: classified whole
+        return explain.crop_corners(face, box, self.pipeline.size, self.pipeline.margin)
+
     def postprocess(self, data: tuple[VideoBatch, torch.Tensor]) -> list[Any]:
         """Exactly one response per request: its answer, or that request's error."""
         batch, probs = data
         results: list[Any] = [None] * batch.n_requests
         self.pipeline.assign(batch.requests, probs)
         for req in batch.requests:
-            results[req.idx] = self.pipeline.answer(req)
+            results[req.idx] = answer = self.pipeline.answer(req)
+            if req.idx in self.batch_explain.targets:
+                try:
+                    self._add_explanations(req, answer)
+                except Exception as e:
+                    batch.failures.add_exception(req.idx, e)
         failed = len(batch.failures)
         self.batch_metrics.count(requests=batch.n_requests - failed, failed=failed,
                                  faces=sum(req.found for req in batch.requests))
         self.batch_metrics.emit()
         return batch.failures.apply(self.context, results)
+
+    def _add_explanations(self, req: VideoRequest, answer: dict[str, Any]) -> None:
+        """Each person's weightiest frames and maps into ``answer`` (``people``, or the top level
+        when no face was found: the whole frames)."""
+        target = self.batch_explain.targets[req.idx]
+        tracked = [p for p in req.people if p.track is not None]
+        if not tracked:
+            answer["explanation"] = self.explain_person(req, req.people[0], target)
+            return
+        for entry, person in zip(answer["people"], tracked):
+            entry["explanation"] = self.explain_person(req, person, target)

@@ -68,21 +68,33 @@ def load_stubs(out_dir: Path = STUB_DIR) -> dict[str, ModuleType]:
     return {n: importlib.import_module(n) for n in names}
 
 
-def predict_raw(target: str, model: str, data: bytes, token: str | None, timeout: float = 60.0) -> Any:
-    """One ``Predictions`` call; returns the ``PredictionResponse`` message."""
+def predict_raw(target: str, model: str, data: bytes, token: str | None, timeout: float = 60.0,
+                fields: dict[str, bytes] | None = None) -> Any:
+    """One ``Predictions`` call (``fields``: more ``input`` entries, the handlers' per-request
+    options); returns the ``PredictionResponse`` message."""
     import grpc  # here, not at the top: only gRPC calls need it (heavy)
 
     stubs = load_stubs()
     metadata = (("authorization", f"Bearer {token}"),) if token else None
     with grpc.insecure_channel(target) as channel:
         stub = stubs["inference_pb2_grpc"].InferenceAPIsServiceStub(channel)
-        req = stubs["inference_pb2"].PredictionsRequest(model_name=model, input={"data": data})
+        req = stubs["inference_pb2"].PredictionsRequest(model_name=model, input={"data": data, **(fields or {})})
         return stub.Predictions(req, metadata=metadata, timeout=timeout)
 
 
 def predict(target: str, model: str, data: bytes, token: str | None, timeout: float = 60.0) -> Any:
     """One ``Predictions`` call; returns the decoded JSON answer (errors are JSON too)."""
     return json.loads(predict_raw(target, model, data, token, timeout).prediction)
+
+
+def explain(target: str, model: str, data: bytes, token: str | None, timeout: float = 120.0,
+            label: str | None = None) -> Any:
+    """The explanations answer over gRPC: TorchServe 0.12's ``inference.proto`` has no
+    ``Explanations`` RPC, so this is a ``Predictions`` call with the input ``explain=true`` (and
+    ``target``, the label to explain; default the top one), which the handlers answer as
+    ``POST /explanations``."""
+    fields = {"explain": b"true", **({"target": label.encode()} if label else {})}
+    return json.loads(predict_raw(target, model, data, token, timeout, fields).prediction)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,9 +105,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target", default="127.0.0.1:7070")
     p.add_argument("--key-file", type=Path, default=Path("key_file.json"),
                    help="TorchServe's key_file.json (its inference key is sent)")
+    p.add_argument("--explain", action="store_true", help="ask for explanations (a map per face)")
+    p.add_argument("--label", help="with --explain: the label to explain (default: each face's top label)")
     args = p.parse_args(argv)
     token = json.loads(args.key_file.read_text())["inference"]["key"] if args.key_file.is_file() else None
-    print(json.dumps(predict(args.target, args.model, args.file.read_bytes(), token), indent=2))
+    data = args.file.read_bytes()
+    if args.explain:
+        answer = explain(args.target, args.model, data, token, label=args.label)
+    else:
+        answer = predict(args.target, args.model, data, token)
+    print(json.dumps(answer, indent=2))
     return 0
 
 
