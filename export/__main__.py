@@ -25,6 +25,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-batch-delay", type=int, help="TorchServe maxBatchDelay in ms")
     p.add_argument("--workers", type=int, help="minWorkers = maxWorkers")
     p.add_argument("--response-timeout", type=int, help="TorchServe responseTimeout in s")
+    p.add_argument("--threads", type=int,
+                   help="torch threads per worker (handler option; default: the cores / maxWorkers)")
     p.add_argument("--keep-torchscript", type=Path, help="also keep the TorchScript file here")
     return p.parse_args(argv)
 
@@ -41,10 +43,11 @@ def main(argv: list[str] | None = None) -> int:
         "batchSize": args.batch_size, "maxBatchDelay": args.max_batch_delay,
         "minWorkers": args.workers, "maxWorkers": args.workers,
         "responseTimeout": args.response_timeout}.items() if v is not None}
+    handler_overrides = {"threads": args.threads} if args.threads is not None else None
     with tempfile.TemporaryDirectory(prefix="export-") as tmp:
         ts_path = export_torchscript(model, spec, args.keep_torchscript or Path(tmp) / SERIALIZED_NAME)
         mar = build_archive(args.task, ts_path, spec, args.out, version=args.version,
-                            model_config=model_config_for(args.task, overrides))
+                            model_config=model_config_for(args.task, overrides, handler_overrides))
     logger.info("wrote %s (%s, %s)", mar, spec["arch"], args.checkpoint)
     print(mar)
     return 0

@@ -99,5 +99,11 @@ KSERVE_HTTP_PORT = 8080
 """The port of KServe's model server, the pod's serving port (``/v1/models/<name>:predict``,
 ``/v2/models/<name>/infer``)."""
 
+KSERVE_POD_CPUS = 2
+"""CPUs per serving pod (deploy/ manifests' requests and limits): the 2 cores ``make bench``
+measured and the archives' workers were tuned on. The store's archives get
+``threads = KSERVE_POD_CPUS // maxWorkers``: a container sees the node's cores in
+``os.cpu_count()``, so the default (the cores / maxWorkers) would oversubscribe its CPU limit."""
+
 SERVICE_ENVELOPES: Mapping[str, str] = MappingProxyType({"v1": "kserve", "v2": "kservev2"})
 """TorchServe's ``service_envelope`` per KServe protocol version (``protocolVersion``)."""

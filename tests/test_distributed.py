@@ -3,12 +3,10 @@ and ``torchrun --nnodes 2 --nproc-per-node 1`` as two "nodes" (two launchers on 
 meeting at a c10d rendezvous on 127.0.0.1)."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from model_defs import load_checkpoint
+from tests.tsserver import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 FACES = Path(__file__).parent / "fixtures" / "faces"
@@ -57,12 +56,6 @@ def test_torchrun_two_cpu_ranks_train_disjoint_shards(tmp_path):
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
     check_run(log, out, n_images)
-
-
-def free_port() -> int:
-    with contextlib.closing(socket.socket()) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

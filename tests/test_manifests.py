@@ -15,7 +15,7 @@ import yaml
 
 from deploy.kserve_store import CONFIG_FILES, port_of, store_properties
 from export.archive import TASKS
-from handlers.contract import KSERVE_MODEL_ROOT, MAX_REQUEST_BYTES
+from handlers.contract import KSERVE_MODEL_ROOT, KSERVE_POD_CPUS, MAX_REQUEST_BYTES
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFESTS = sorted((REPO / "deploy").glob("*/*.yaml"))
@@ -150,6 +150,9 @@ def naming_problems(doc: dict) -> list[str]:
                 problems.append(f"{name} does not serve {doc['metadata']['labels']['emotion/model']}")
         elif cfg.protocol is not None:
             problems.append(f"{name}: an envelope, but the Deployment's proxy publishes /predictions")
+        for kind in ("requests", "limits"):  # the CPUs the archives' threads are sized for
+            if container["resources"][kind]["cpu"] != str(KSERVE_POD_CPUS):
+                problems.append(f"cpu {kind} {container['resources'][kind]['cpu']}, not {KSERVE_POD_CPUS}")
         gpus = int(container["resources"]["limits"].get("nvidia.com/gpu", 0))
         if gpus != cfg.gpus:
             problems.append(f"{gpus} GPU(s) per pod but {name} is for {cfg.gpus}")

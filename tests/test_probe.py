@@ -2,8 +2,6 @@
 run as the kubelet runs an exec probe: ``python3 probe.py ...`` in TorchServe's working folder."""
 from __future__ import annotations
 
-import contextlib
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +12,7 @@ import requests
 
 from export.__main__ import main as export_main
 from serving import running_server
-from tests.tsserver import image_weights
+from tests.tsserver import free_port, image_weights
 
 REPO = Path(__file__).resolve().parents[1]
 PROBE = REPO / "deploy" / "probe.py"
@@ -88,8 +86,5 @@ def test_fails_while_the_model_has_no_worker_and_passes_once_it_has_one(server):
 
 
 def test_fails_when_nothing_listens(tmp_path):
-    with contextlib.closing(socket.socket()) as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed again: nothing listens there
-    r = probe("--management", f"http://127.0.0.1:{port}", MODEL, cwd=tmp_path)
+    r = probe("--management", f"http://127.0.0.1:{free_port()}", MODEL, cwd=tmp_path)
     assert r.returncode == 1 and "Connection refused" in r.stderr, r.stderr
