@@ -217,6 +217,19 @@ def align_face(img: Image.Image, face: Face, size: int, margin: float | None = N
                             (a[0, 0], a[0, 1], c[0], a[1, 0], a[1, 1], c[1]), Image.BILINEAR)
 
 
+def box_crop(img: Image.Image, face: Face, size: int, margin: float = 0.0) -> Image.Image:
+    """The detector's box made square around its centre (side = the longer box side times
+    ``1 + 2 * margin``), edge-padded where it leaves the image, resized to ``size``: the crop
+    tools such as ``fer`` classify, measured against :func:`align_face` by
+    tools/measure_crop_framing.py."""
+    x0, y0, x1, y1 = face.box
+    side = max(x1 - x0, y1 - y0) * (1.0 + 2.0 * margin)
+    cx, cy = (x0 + x1) / 2.0, (y0 + y1) / 2.0
+    left, top = int(round(cx - side / 2.0)), int(round(cy - side / 2.0))
+    right, bottom = left + max(1, int(round(side))), top + max(1, int(round(side)))
+    return _crop_edge_padded(img, left, top, right, bottom).resize((size, size), Image.BILINEAR, reducing_gap=2.0)
+
+
 def _crop_edge_padded(img: Image.Image, x0: int, y0: int, x1: int, y1: int) -> Image.Image:
     """``img[y0:y1, x0:x1]``, replicating edge pixels where the box leaves the image."""
     w, h = img.size

@@ -204,3 +204,19 @@ def test_align_on_template_is_identity():
     assert np.all(np.abs(inner - 48) <= np.abs(pts - 48))
     assert inner[1, 0] - inner[0, 0] < pts[1, 0] - pts[0, 0]
     np.testing.assert_allclose(F.template_points(96, 0), F.template_points(96, F.DEFAULT_MARGIN))
+
+
+def test_box_crop_is_the_square_box_with_its_margin():
+    """A 40x20 white box on black: the crop is square around its centre, 40 px (margin 0) or
+    48 px (margin 0.1) of the photo, edge-padded past the border, at the asked size."""
+    arr = np.zeros((100, 200), np.uint8)
+    arr[40:60, 80:120] = 255
+    img = Image.fromarray(arr, "L")
+    face = F.Face(box=[80.0, 40.0, 120.0, 60.0], score=1.0, landmarks=[[0.0, 0.0]] * 5)
+    tight = np.asarray(F.box_crop(img, face, 40, 0.0))
+    assert tight.shape == (40, 40)
+    assert tight[10:30, :].min() == 255 and tight[:9, :].max() == 0 and tight[31:, :].max() == 0
+    wide = np.asarray(F.box_crop(img, face, 48, 0.1))
+    assert wide.shape == (48, 48) and wide[24, :3].max() == 0 and wide[24, 5:43].min() == 255
+    corner = F.Face(box=[0.0, 0.0, 30.0, 30.0], score=1.0, landmarks=[[0.0, 0.0]] * 5)
+    assert F.box_crop(img, corner, 32, 0.3).size == (32, 32)  # leaves the photo: edge-padded
