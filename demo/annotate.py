@@ -1,6 +1,7 @@
 """Annotated pictures and videos from the command line, without a server::
 
     python -m demo.annotate photo.jpg -o photo_annotated.png
+    python -m demo.annotate photo.jpg -o photo_why.png --explain   # + each face's map
     python -m demo.annotate clip.mp4 -o clip_annotated.mp4      # + clip_annotated_timeline.png
 
 A photo becomes a PNG with a numbered box and the top label on each face, and the top-3 bars
@@ -45,13 +46,16 @@ def is_video(path: Path) -> bool:
     return suffix in VIDEO_SUFFIXES
 
 
-def annotate_photo(rec: Recognizer, src: Path, out: Path) -> int:
-    """Write the annotated photo; returns the number of faces drawn."""
+def annotate_photo(rec: Recognizer, src: Path, out: Path, explain: bool = False) -> int:
+    """Write the annotated photo (with ``explain``, each face's map over it and beside its bars,
+    as ``POST /explanations`` answers); returns the number of faces drawn."""
     img = decode_image(src.read_bytes())
-    faces = rec.image(img)
+    faces = rec.image(img, explain=explain)
     labels = rec.labels
+    why = [(f.explanation.map, f.explanation.corners, f.explanation.crop) if f.explanation else None
+           for f in faces]
     picture = draw.annotate_photo(img, [f.box for f in faces], [top(f.probs, labels) for f in faces],
-                                  [f.detected for f in faces])
+                                  [f.detected for f in faces], why)
     picture.save(out, format="PNG")
     return len(faces)
 
@@ -133,6 +137,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--video-weights", type=Path, default=SHIPPED_WEIGHTS["video"], help="default: %(default)s")
     p.add_argument("--detection", choices=("auto", "always", "never"), default="auto",
                    help="face detection, as the service's option (default: %(default)s)")
+    p.add_argument("--explain", action="store_true",
+                   help="a photo: draw each face's map (what the model looked at for its top label)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -161,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = annotate_video(rec, src, out, plot, progress=False if args.no_progress else None)
             log.info("wrote %s (%d people tracked) and %s", out, sum(1 for p in result.people if p.faces), plot)
         else:
-            n = annotate_photo(rec, src, out)
+            n = annotate_photo(rec, src, out, explain=args.explain)
             log.info("wrote %s (%d face%s)", out, n, "" if n == 1 else "s")
     except (InputError, FileNotFoundError, ValueError) as e:
         log.error("%s: %s", src, e)

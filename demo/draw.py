@@ -3,16 +3,24 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .palette import color_of
+from handlers.explain import upsample
+
+from .palette import color_of, heat
 
 PANEL_WIDTH = 300  # the photo's side panel of top-3 bars
 PANEL_BG = (250, 250, 250)
 TEXT = (29, 29, 31)
 TRACK = (230, 230, 230)
 
+THUMB = 96  # a face crop with its map, in the side panel
+MAP_SIDE = 256  # a map is smoothed to this many pixels per side before it is warped onto the photo
+
 Top = Sequence[tuple[str, float]]  # (label, probability), most probable first
+Why = tuple[torch.Tensor, Sequence[Sequence[float]], Image.Image]  # map, crop corners, the crop itself
 
 
 def font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
@@ -52,14 +60,44 @@ def draw_banner(img: Image.Image, text: str, color: str) -> None:
     d.text((4 - l, 3 - t), text, font=f, fill="white")
 
 
-def photo_panel(height: int, tops: Sequence[Top], titles: Sequence[str]) -> Image.Image:
-    """A side panel: per face its title and top-3 bars with the probabilities written out."""
-    panel = Image.new("RGB", (PANEL_WIDTH, max(height, 40 + 86 * len(tops))), PANEL_BG)
+def map_rgba(cell_map: torch.Tensor, side: int) -> Image.Image:
+    """A ``(grid, grid)`` map in [0, 1] as a smooth ``side`` x ``side`` RGBA image (palette.heat)."""
+    return Image.fromarray(heat(upsample(cell_map[None].float(), side)[0].numpy()), "RGBA")
+
+
+def overlay_map(img: Image.Image, cell_map: torch.Tensor, corners: Sequence[Sequence[float]]) -> Image.Image:
+    """``img`` (RGB) with the map drawn over its model crop, whose ``corners`` (top-left, top-right,
+    bottom-right, bottom-left, in ``img``'s pixels) may be rotated and scaled."""
+    (x0, y0), (x1, y1), _, (x3, y3) = corners
+    m = np.array([[x1 - x0, x3 - x0], [y1 - y0, y3 - y0]], np.float64) / MAP_SIDE  # map pixel -> photo
+    inv = np.linalg.inv(m)
+    shift = -inv @ np.array([x0, y0], np.float64)
+    warped = map_rgba(cell_map, MAP_SIDE).transform(
+        img.size, Image.AFFINE, (inv[0, 0], inv[0, 1], shift[0], inv[1, 0], inv[1, 1], shift[1]), Image.BILINEAR)
+    return Image.alpha_composite(img.convert("RGBA"), warped).convert("RGB")
+
+
+def why_thumbnail(cell_map: torch.Tensor, crop: Image.Image, side: int = THUMB) -> Image.Image:
+    """The model's crop at ``side`` pixels with its map over it."""
+    base = crop.convert("RGB").resize((side, side), Image.BICUBIC).convert("RGBA")
+    return Image.alpha_composite(base, map_rgba(cell_map, side)).convert("RGB")
+
+
+def photo_panel(height: int, tops: Sequence[Top], titles: Sequence[str],
+                thumbs: Sequence[Image.Image | None] = ()) -> Image.Image:
+    """A side panel: per face its title and top-3 bars with the probabilities written out (and,
+    with ``thumbs``, its crop with the map beside the bars)."""
+    row = 86 if not any(thumbs) else max(86, THUMB + 32)
+    width = PANEL_WIDTH + (THUMB + 12 if any(thumbs) else 0)
+    panel = Image.new("RGB", (width, max(height, 40 + row * len(tops))), PANEL_BG)
     d = ImageDraw.Draw(panel)
     title_font, row_font = font(15), font(13)
     y = 10
-    for title, top in zip(titles, tops):
+    for k, (title, top) in enumerate(zip(titles, tops)):
         d.text((12, y), title, font=title_font, fill=TEXT)
+        if k < len(thumbs) and thumbs[k] is not None:
+            panel.paste(thumbs[k], (PANEL_WIDTH, y + 2))
+        top_y = y
         y += 22
         for label, p in top:
             d.text((12, y), label, font=row_font, fill=TEXT)
@@ -67,19 +105,24 @@ def photo_panel(height: int, tops: Sequence[Top], titles: Sequence[str]) -> Imag
             d.rectangle([84, y + 2, 84 + round(140 * max(0.0, min(1.0, p))), y + 14], fill=color_of(label))
             d.text((232, y), f"{100 * p:.1f}%", font=row_font, fill=TEXT)
             y += 18
-        y += 10
+        y = max(y + 10, top_y + row)
     return panel
 
 
 def annotate_photo(img: Image.Image, boxes: Sequence[Sequence[float]], tops: Sequence[Top],
-                   detected: Sequence[bool]) -> Image.Image:
-    """The photo with a numbered box and top label per face, and the top-3 bars beside it."""
+                   detected: Sequence[bool], why: Sequence[Why | None] = ()) -> Image.Image:
+    """The photo with a numbered box and top label per face, and the top-3 bars beside it; with
+    ``why`` (per face its map, crop corners and crop), each map over its face and beside its bars."""
     out = img.convert("RGB").copy()
+    for item in why:
+        if item is not None:
+            out = overlay_map(out, item[0], item[1])
     titles = []
     for i, (box, top, det) in enumerate(zip(boxes, tops, detected)):
         draw_box(out, box, label_text(top, f"{i + 1} "), color_of(top[0][0]))
         titles.append(f"{i + 1}. face {i + 1}" if det else f"{i + 1}. the whole image")
-    panel = photo_panel(out.height, tops, titles)
+    thumbs = [why_thumbnail(item[0], item[2]) if item is not None else None for item in why]
+    panel = photo_panel(out.height, tops, titles, thumbs)
     canvas = Image.new("RGB", (out.width + panel.width, max(out.height, panel.height)), PANEL_BG)
     canvas.paste(out, (0, 0))
     canvas.paste(panel, (out.width, 0))

@@ -2,7 +2,9 @@
 alignment, preprocessing, video pipeline and networks as the handlers, on the checkpoints
 in ``pretrain/`` (no TorchServe, no TorchScript).
 
-Answers carry all seven probabilities (``model_defs.LABELS`` order), not only the top 3.
+Answers carry all seven probabilities (``model_defs.LABELS`` order), not only the top 3, and, when
+asked, each face's explanation as the explanations API gives it (``handlers.explain``, the
+image handler's method and grid from ``handlers.contract.IMAGE_DEFAULTS``).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from typing import Sequence
 import torch
 from PIL import Image
 
+from handlers import explain as explain_ops
 from handlers import faces as face_ops
 from handlers import preprocess
 from handlers.contract import IMAGE_DEFAULTS, VIDEO_DEFAULTS
@@ -33,6 +36,17 @@ class FaceResult:
     box: list[float]  # [x1, y1, x2, y2] in the photo's pixels
     detected: bool
     probs: list[float]  # per label, in the model's label order
+    explanation: Explanation | None = None  # when asked for
+
+
+@dataclass
+class Explanation:
+    """A face's map for one label (``handlers.explain``): where in its model crop the model looked."""
+
+    label: int  # index into the labels
+    map: torch.Tensor  # (grid, grid) in [0, 1], rows from the crop's top
+    corners: list[list[float]]  # the crop's top-left, top-right, bottom-right, bottom-left in the photo
+    crop: Image.Image  # the crop the model saw (aligned face, or the whole photo)
 
 
 @dataclass
@@ -114,8 +128,9 @@ class Recognizer:
         model, _ = self._model(task)
         return torch.softmax(model(x.to(self.device)).float(), dim=-1).cpu()
 
-    def image(self, img: Image.Image) -> list[FaceResult]:
-        """Every face of a decoded photo, largest first, as the image handler finds them."""
+    def image(self, img: Image.Image, explain: bool = False) -> list[FaceResult]:
+        """Every face of a decoded photo, largest first, as the image handler finds them; with
+        ``explain``, each with the map of its top label, as ``POST /explanations`` answers."""
         _, spec = self._model("image")
         detector = None
         if self.detection != "never":
@@ -127,8 +142,18 @@ class Recognizer:
                                           int(spec["channels"]))[0]
         if not crops:
             return []
-        probs = self._score("image", torch.stack([preprocess.to_model_input(c.image, spec) for c in crops]))
-        return [FaceResult(list(c.box), c.detected, row.tolist()) for c, row in zip(crops, probs)]
+        x = torch.stack([preprocess.to_model_input(c.image, spec) for c in crops])
+        probs = self._score("image", x)
+        results = [FaceResult(list(c.box), c.detected, row.tolist()) for c, row in zip(crops, probs)]
+        if explain:
+            model, _ = self._model("image")
+            target = probs.argmax(1)
+            maps = explain_ops.attribute(model, x.to(self.device), target.to(self.device),
+                                         str(IMAGE_DEFAULTS["explain_method"]), int(IMAGE_DEFAULTS["explain_grid"]))
+            for r, c, label, cell_map in zip(results, crops, target.tolist(), maps):
+                r.explanation = Explanation(label, cell_map, explain_ops.crop_corners(
+                    c.face, c.box, int(spec["input_size"]), margin), c.image)
+        return results
 
     def video(self, data: bytes | str | os.PathLike) -> VideoResult:
         """A video through the video handler's pipeline (sampling, keyframe tracking, windows)."""

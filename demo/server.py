@@ -1,6 +1,7 @@
 """Serve the demo page (``demo/static/``) beside a running TorchServe: ``python -m demo.server``.
 
-The page posts photos, clips and webcam frames to ``/predictions/<model>`` on this server,
+The page posts photos, clips and webcam frames to ``/predictions/<model>`` on this server (and a
+photo to ``/explanations/<model>`` for its "why" maps),
 which relays them to TorchServe's inference API with the inference key from ``key_file.json``
 (read at every request: TorchServe writes new keys at each start) and hands back TorchServe's
 status and JSON body unchanged. The page never sees the key.
@@ -35,7 +36,7 @@ from export.archive import TASKS
 from model_defs import LABELS
 from serving import read_properties
 
-from .palette import LABEL_COLORS
+from .palette import LABEL_COLORS, WHY_ALPHA, WHY_FLOOR
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +97,8 @@ def page_config(settings: DemoSettings) -> dict[str, Any]:
     """What ``/config.json`` answers: models, labels, where TorchServe is, whether a key is there."""
     out: dict[str, Any] = {"inference_url": settings.inference_url, "models": settings.models,
                            "labels": list(settings.labels), "key_file": str(settings.key_file),
-                           "colors": {label: LABEL_COLORS.get(label, "#ffffff") for label in settings.labels}}
+                           "colors": {label: LABEL_COLORS.get(label, "#ffffff") for label in settings.labels},
+                           "why": {"floor": WHY_FLOOR, "alpha": WHY_ALPHA}}
     try:
         read_key(settings.key_file)
         out["key_found"] = True
@@ -105,8 +107,13 @@ def page_config(settings: DemoSettings) -> dict[str, Any]:
     return out
 
 
-def relay(settings: DemoSettings, model: str, body: bytes, content_type: str | None) -> tuple[int, bytes]:
-    """POST ``body`` to TorchServe's ``/predictions/<model>`` with the inference key:
+RELAYED_APIS = ("predictions", "explanations")
+"""TorchServe inference APIs the page may post to: ``/<api>/<model>`` here goes to the same path there."""
+
+
+def relay(settings: DemoSettings, model: str, body: bytes, content_type: str | None,
+          api: str = "predictions") -> tuple[int, bytes]:
+    """POST ``body`` to TorchServe's ``/<api>/<model>`` (``RELAYED_APIS``) with the inference key:
     (status, JSON body); TorchServe down or no key gives a 502/503 error body of our own."""
     try:
         key = read_key(settings.key_file)
@@ -115,7 +122,9 @@ def relay(settings: DemoSettings, model: str, body: bytes, content_type: str | N
     headers = {"Authorization": f"Bearer {key}"}
     if content_type:
         headers["Content-Type"] = content_type
-    url = f"{settings.inference_url}/predictions/{model}"
+    if api not in RELAYED_APIS:
+        raise ValueError(f"api must be one of {', '.join(RELAYED_APIS)}, not {api!r}")
+    url = f"{settings.inference_url}/{api}/{model}"
     try:
         r = requests.post(url, data=body, headers=headers, timeout=RELAY_TIMEOUT_S)
     except requests.RequestException as e:
@@ -133,7 +142,7 @@ def make_handler(settings: DemoSettings) -> type[BaseHTTPRequestHandler]:
            "connect-src 'self'; style-src 'self'; script-src 'self'; object-src 'none'; "
            "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
     hosts = {f"{h}:{settings.port}" for h in (settings.host, "127.0.0.1", "localhost", "[::1]")}
-    predict_paths = {f"/predictions/{m}": m for m in settings.models.values()}
+    predict_paths = {f"/{api}/{m}": (api, m) for api in RELAYED_APIS for m in settings.models.values()}
 
     class DemoHandler(BaseHTTPRequestHandler):
         server_version = "EmotionDemo"
@@ -163,7 +172,8 @@ def make_handler(settings: DemoSettings) -> type[BaseHTTPRequestHandler]:
                            "application/json", close=True)
                 return
             body = self.rfile.read(length)
-            status, data = relay(settings, predict_paths[path], body, self.headers.get("Content-Type"))
+            api, model = predict_paths[path]
+            status, data = relay(settings, model, body, self.headers.get("Content-Type"), api)
             self._send(status, data, "application/json")
 
         def _get(self, body: bool) -> None:

@@ -174,10 +174,11 @@ class EmotionImageHandler(BaseHandler):
         if tuple(out.shape) != (1, len(self.labels)):
             raise RuntimeError(f"model output shape {tuple(out.shape)}, expected (1, {len(self.labels)})")
 
-    def request_options(self, row: Any) -> RequestOptions:
-        """This request's ``detection`` and ``max_faces`` (configured values by default)."""
+    def request_options(self, row: Any, sources: list[Mapping[str, Any]] | None = None) -> RequestOptions:
+        """This request's ``detection`` and ``max_faces`` (configured values by default);
+        ``sources``: ``common.option_sources(row)`` when the caller has them already."""
         mode, max_faces = self.detection, self.max_faces
-        for source in common.option_sources(row):
+        for source in common.option_sources(row) if sources is None else sources:
             if source.get("detection") is not None:
                 mode = parse_detection(source["detection"])
             if source.get("max_faces") is not None:
@@ -216,8 +217,8 @@ class EmotionImageHandler(BaseHandler):
         decoded: dict[int, tuple[Image.Image, RequestOptions]] = {}
         for idx, row in enumerate(data):
             try:
-                opts = self.request_options(row)
                 sources = common.option_sources(row)
+                opts = self.request_options(row, sources)
                 if explain.wants_explanation(self.context, idx, sources):
                     explaining.want(idx, explain.request_target(sources, self.labels))
                 with metrics.timed("decode"):

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from demo.annotate import main
-from demo.draw import PANEL_WIDTH
+from demo.draw import PANEL_WIDTH, THUMB
 from demo.palette import LABEL_COLORS
 from tests.test_faces import GROUP_BOXES
 
@@ -53,6 +53,26 @@ def test_photo_gets_boxes_labels_and_top3(tmp_path):
     panel = arr[:, src.width:]
     assert palette_share(panel.reshape(-1, 3), tol=10) > 0.003  # the top-3 bars
     shutil.copyfile(out, DOCS / "annotated_group.png")
+
+
+def test_explain_draws_each_faces_map_over_it_and_beside_its_bars(tmp_path):
+    plain, why = tmp_path / "group.png", tmp_path / "group_why.png"
+    assert main([str(GROUP), "-o", str(plain)]) == 0
+    assert main([str(GROUP), "-o", str(why), "--explain"]) == 0
+    src, a, b = Image.open(GROUP), Image.open(plain), Image.open(why)
+    assert b.width == src.width + PANEL_WIDTH + THUMB + 12 and b.height >= src.height
+    photo_a = np.asarray(a.convert("RGB"))[: src.height, : src.width].astype(int)
+    photo_b = np.asarray(b.convert("RGB"))[: src.height, : src.width].astype(int)
+    changed = np.abs(photo_b - photo_a).max(-1) > 30
+    near_a_face = np.zeros_like(changed)
+    for x1, y1, x2, y2 in GROUP_BOXES:  # the aligned crop is about the face box, turned and scaled
+        w, h = x2 - x1, y2 - y1
+        near_a_face[max(0, int(y1 - h)):int(y2 + h), max(0, int(x1 - w)):int(x2 + w)] = True
+        assert changed[int(y1):int(y2), int(x1):int(x2)].mean() > 0.05  # the map over the face
+    assert changed[~near_a_face].mean() == 0  # nothing drawn away from the faces
+    red = photo_b[..., 0] - photo_b[..., 2]  # the map's colours run from yellow to red
+    assert (red[changed] > red[~changed].mean()).mean() > 0.9
+    shutil.copyfile(why, DOCS / "annotated_group_why.png")
 
 
 def test_video_gets_tracked_boxes_and_a_timeline_plot(tmp_path, caplog):

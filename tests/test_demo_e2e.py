@@ -173,6 +173,43 @@ def test_photo_gets_one_box_per_face_with_its_label(stack, browser):
     browser.save_screenshot(str(DOCS / "demo_photo.png"))
 
 
+def test_why_toggle_overlays_each_faces_map(stack, browser):
+    """The "why" toggle asks the explanations API and draws each face's map over its crop."""
+    ts = stack["ts"]
+    r = requests.post(f"{ts.inference_url}/explanations/{MODELS['image']}", headers=ts.auth(),
+                      data=GROUP.read_bytes(), timeout=120)
+    assert r.status_code == 200, r.text
+    expected = r.json()
+    open_page(browser, stack["url"])
+    upload(browser, "photo-input", GROUP, "photo-stage")
+    assert not browser.find_element("id", "photo-why").is_displayed()
+    browser.find_element("id", "photo-why-toggle").click()
+    wait_for(browser, "return document.getElementById('photo-stage').dataset.why === 'done'")
+    assert message(browser) == ""
+    assert browser.execute_script("return window.demo.explained.answer") == expected
+    assert browser.find_element("id", "photo-why").is_displayed()
+    alpha = "return document.getElementById('photo-why').getContext('2d').getImageData(arguments[0], arguments[1], 1, 1).data[3]"
+    for face in expected["faces"]:  # opaque at each map's hottest cell, in the photo's pixels
+        e = face["explanation"]
+        g, cells = e["grid"], e["map"]
+        i, j = max(((i, j) for i in range(g) for j in range(g)), key=lambda ij: cells[ij[0]][ij[1]])
+        (x0, y0), (x1, y1), _, (x3, y3) = e["corners"]
+        x = x0 + (x1 - x0) * (j + 0.5) / g + (x3 - x0) * (i + 0.5) / g
+        y = y0 + (y1 - y0) * (j + 0.5) / g + (y3 - y0) * (i + 0.5) / g
+        assert browser.execute_script(alpha, int(x), int(y)) > 150, (face["box"], i, j)
+    assert browser.execute_script(alpha, 5, 5) == 0  # no face near the photo's corner
+    thumbs = browser.find_elements("css selector", "#photo-faces .face canvas.why-thumb")
+    assert len(thumbs) == len(expected["faces"]) and all(t.is_displayed() for t in thumbs)
+    browser.save_screenshot(str(DOCS / "demo_why.png"))
+    requests_before = browser.execute_script("return window.demo.requests")
+    browser.find_element("id", "photo-why-toggle").click()  # off: the photo alone
+    assert not browser.find_element("id", "photo-why").is_displayed()
+    assert not browser.find_elements("css selector", "#photo-faces canvas.why-thumb")
+    browser.find_element("id", "photo-why-toggle").click()  # on again: the answer is kept
+    wait_for(browser, "return document.getElementById('photo-why').checkVisibility()")
+    assert browser.execute_script("return window.demo.requests") == requests_before
+
+
 def timeline_points(driver) -> list[dict]:
     return driver.execute_script(
         "return [...document.querySelectorAll('#timeline g.window')].map(g => ({start: +g.dataset.start, "

@@ -108,6 +108,18 @@ def test_relay_adds_the_key_and_returns_torchserves_answer(tmp_path, upstream):
     assert len(seen) == 2
 
 
+def test_explanations_are_relayed_too(tmp_path, upstream):
+    url, seen = upstream
+    s = settings(tmp_path, url)
+    with running(make_server(s)):
+        r = requests.post(f"{s.origin}/explanations/{MODELS['image']}", files={"data": ("a.jpg", b"jpeg", "image/jpeg")})
+        assert r.status_code == 200 and r.json() == {"faces": []}
+        assert seen[-1]["path"] == f"/explanations/{MODELS['image']}" and seen[-1]["auth"] == "Bearer the-key"
+        assert requests.post(f"{s.origin}/explanations/other", data=b"x").status_code == 404
+        assert requests.post(f"{s.origin}/describe/{MODELS['image']}", data=b"x").status_code == 404
+    assert len(seen) == 1
+
+
 def test_page_and_its_settings(tmp_path):
     s = settings(tmp_path, "http://127.0.0.1:1", key=None)
     with running(make_server(s)):
@@ -118,6 +130,7 @@ def test_page_and_its_settings(tmp_path):
         assert requests.get(f"{s.origin}/../server.py").status_code == 404
         cfg = requests.get(f"{s.origin}/config.json").json()
         assert cfg["labels"] == list(LABELS) and cfg["models"] == MODELS and set(cfg["colors"]) == set(LABELS)
+        assert 0 < cfg["why"]["floor"] < 1 and 0 < cfg["why"]["alpha"] <= 255
         assert cfg["key_found"] is False and "make serve" in cfg["error"] and "key" not in cfg
 
 

@@ -7,7 +7,7 @@ const SVG = 'http://www.w3.org/2000/svg';
 const WEBCAM_INTERVAL_MS = 300; // a few frames a second to the image model
 const VIDEO_BOX_INTERVAL_MS = 400; // how often the playing video's face box is refreshed
 
-const state = { config: null, last: null, video: null, webcam: null, requests: 0 };
+const state = { config: null, last: null, video: null, webcam: null, requests: 0, photo: null, explained: null };
 window.demo = state; // for the browser test and the curious
 
 // --- talking to the service ---------------------------------------------------------------
@@ -26,13 +26,14 @@ function describeError(status, body, text) {
   return `The service answered ${status}${type ? ' ' + type : ''}: ${msg}`;
 }
 
-async function predict(task, blob, filename) {
+async function predict(task, blob, filename, api = 'predictions') {
+  // api: 'predictions', or 'explanations' (the same answer with a map per face)
   const model = state.config.models[task];
   const form = new FormData();
   form.append(task === 'video' ? 'video' : 'data', blob, filename || 'upload');
   let response;
   try {
-    response = await fetch(`/predictions/${encodeURIComponent(model)}`, { method: 'POST', body: form });
+    response = await fetch(`/${api}/${encodeURIComponent(model)}`, { method: 'POST', body: form });
   } catch (e) {
     throw new ServiceError(`No answer from the demo server at ${location.origin} (is \`make demo\` still ` +
       `running?): ${e.message}`);
@@ -146,6 +147,110 @@ function loaded(media, event) {
   });
 }
 
+// --- why: each face's map from the explanations API -----------------------------------------
+
+function heat(v) {
+  // a map value in [0, 1] -> RGBA: transparent where the model did not look (below the floor),
+  // opaque red where it looked most
+  // (demo/palette.py heat: the floor and opacity come from /config.json)
+  const { floor, alpha } = state.config.why;
+  v = Math.max(0, Math.min(1, v));
+  const a = Math.round(alpha * Math.max(0, Math.min(1, (v - floor) / (1 - floor))));
+  return [255, Math.round(225 * (1 - v)), Math.round(40 * (1 - v)), a];
+}
+
+function mapCanvas(e) {
+  // a face's grid x grid map as a grid x grid canvas of heat colours
+  const g = e.grid;
+  const cells = document.createElement('canvas');
+  cells.width = g;
+  cells.height = g;
+  const cctx = cells.getContext('2d');
+  const pixels = cctx.createImageData(g, g);
+  e.map.forEach((row, y) => row.forEach((v, x) => pixels.data.set(heat(v), 4 * (y * g + x))));
+  cctx.putImageData(pixels, 0, 0);
+  return cells;
+}
+
+function whyThumbnail(img, e, side) {
+  // the face crop the model saw, cut from the photo through its corners, with the map over it
+  const canvas = el('canvas', 'why-thumb');
+  canvas.width = side;
+  canvas.height = side;
+  const ctx = canvas.getContext('2d');
+  const [c0, c1, , c3] = e.corners;
+  const a = (c1[0] - c0[0]) / side, b = (c1[1] - c0[1]) / side, c = (c3[0] - c0[0]) / side, d = (c3[1] - c0[1]) / side;
+  const det = a * d - b * c; // photo -> thumbnail: the inverse of thumbnail -> photo
+  ctx.setTransform(d / det, -b / det, -c / det, a / det, (c * c0[1] - d * c0[0]) / det, (b * c0[0] - a * c0[1]) / det);
+  ctx.filter = 'grayscale(1)';
+  ctx.drawImage(img, 0, 0);
+  ctx.filter = 'none';
+  ctx.setTransform(1, 0, 0, 1, 0, 0);
+  ctx.imageSmoothingEnabled = true;
+  ctx.imageSmoothingQuality = 'high';
+  ctx.drawImage(mapCanvas(e), 0, 0, side, side);
+  return canvas;
+}
+
+function drawWhy(canvas, faces, w, h) {
+  // Each face's grid x grid map drawn over its model crop: the crop's corners in the photo give
+  // the affine transform (the crop may be rotated and scaled: faces are aligned by their landmarks).
+  canvas.width = w;
+  canvas.height = h;
+  const ctx = canvas.getContext('2d');
+  ctx.clearRect(0, 0, w, h);
+  for (const face of faces) {
+    const e = face.explanation;
+    if (!e || !Array.isArray(e.map) || !Array.isArray(e.corners)) continue;
+    const g = e.grid;
+    const cells = mapCanvas(e);
+    const [c0, c1, , c3] = e.corners;
+    ctx.setTransform((c1[0] - c0[0]) / g, (c1[1] - c0[1]) / g, (c3[0] - c0[0]) / g, (c3[1] - c0[1]) / g, c0[0], c0[1]);
+    ctx.imageSmoothingEnabled = true;
+    ctx.imageSmoothingQuality = 'high';
+    ctx.drawImage(cells, 0, 0);
+  }
+  ctx.setTransform(1, 0, 0, 1, 0, 0);
+}
+
+async function showWhy() {
+  const toggle = $('photo-why-toggle');
+  const canvas = $('photo-why');
+  const stage = $('photo-stage');
+  const img = $('photo-img');
+  if (!toggle.checked || !state.photo) {
+    canvas.hidden = true;
+    document.querySelectorAll('#photo-faces .why-thumb').forEach((t) => t.remove());
+    return;
+  }
+  stage.dataset.why = 'busy';
+  try {
+    if (!state.explained || state.explained.file !== state.photo) {
+      $('photo-note').textContent = 'Asking the explanations API what the model looked at…';
+      const file = state.photo;
+      const answer = await predict('image', file, file.name, 'explanations');
+      if (file !== state.photo) return; // another photo came meanwhile
+      state.explained = { file, answer };
+      showAnswer(answer);
+    }
+    const faces = Array.isArray(state.explained.answer.faces) ? state.explained.answer.faces : [];
+    drawWhy(canvas, faces, img.naturalWidth, img.naturalHeight);
+    canvas.hidden = !toggle.checked;
+    document.querySelectorAll('#photo-faces .face').forEach((card, i) => {
+      card.querySelectorAll('.why-thumb').forEach((t) => t.remove());
+      const e = faces[i] && faces[i].explanation;
+      if (e) card.prepend(whyThumbnail(img, e, 96)); // floats right of the title and bars
+    });
+    $('photo-note').textContent = faces.length === 0 ? 'No face found.'
+      : 'Red: where hiding the picture lowers the face\'s top label the most (occlusion, per face crop).';
+  } catch (e) {
+    canvas.hidden = true;
+    showMessage(e.message);
+  } finally {
+    stage.dataset.why = 'done';
+  }
+}
+
 // --- photo --------------------------------------------------------------------------------
 
 async function onPhoto(file) {
@@ -153,6 +258,9 @@ async function onPhoto(file) {
   const img = $('photo-img');
   const stage = $('photo-stage');
   const note = $('photo-note');
+  state.photo = file;
+  state.explained = null;
+  $('photo-why').hidden = true;
   $('photo-boxes').replaceChildren();
   $('photo-faces').replaceChildren();
   stage.dataset.state = 'busy';
@@ -179,6 +287,7 @@ async function onPhoto(file) {
   } finally {
     stage.dataset.state = 'done';
   }
+  if ($('photo-why-toggle').checked && stage.hidden === false) await showWhy();
 }
 
 // --- video --------------------------------------------------------------------------------
@@ -498,6 +607,7 @@ async function init() {
   video.addEventListener('play', () => requestAnimationFrame(tick));
   video.addEventListener('seeked', () => { videoTick(); refreshVideoBox(); });
   video.addEventListener('timeupdate', videoTick);
+  $('photo-why-toggle').addEventListener('change', showWhy);
   $('webcam-start').addEventListener('click', startWebcam);
   $('webcam-stop').addEventListener('click', stopWebcam);
   document.body.dataset.ready = 'true';
