@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .image_nets import ImageClassifier
 from .registry import register_model
 from .spec import LABELS, ModelSpec
 from .tfjs_graph import TfjsGraph, read_tfjs_graph
@@ -65,7 +66,7 @@ def _conv_bn(cin: int, cout: int, kernel: int, stride: int, size: int, groups: i
     return nn.Sequential(*layers), -(-size // stride)
 
 
-class FaceResMobileNetV1(nn.Module):
+class FaceResMobileNetV1(ImageClassifier):
     """MobileNetV1 with batch norm and TF padding; ``forward_features`` is the 1024-d pooled
     face feature, ``fc`` the 7-way emotion head. ``age_gender=True`` adds the original 256-d
     layer and its age (100-bin softmax) and gender (sigmoid) heads, for checking a conversion."""
@@ -87,17 +88,10 @@ class FaceResMobileNetV1(nn.Module):
         self.drop = nn.Dropout(drop)
         self.fc = nn.Linear(cin, len(spec.labels))
         self.age_gender = AgeGenderHeads(cin) if age_gender else None
-
         self.batchnorm_from_data = False  # set by faceres_from_tfjs: batch norm still has identity statistics
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return torch.flatten(self.pool(self.features(x)), 1)
-
-    def forward_head(self, f: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.drop(f))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
     def calibrate_batchnorm(self, batches: Iterable[torch.Tensor]) -> None:
         """:func:`recalibrate_batchnorm` on these (normalized) batches; done once, before training."""

@@ -22,6 +22,23 @@ def _conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
     )
 
 
+class ImageClassifier(nn.Module):
+    """The one image-network API: subclasses define ``forward_features`` (N, num_features) and
+    the attributes ``drop`` (dropout) and ``fc`` (the classifier over ``len(LABELS)`` classes)."""
+
+    drop: nn.Module
+    fc: nn.Linear
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward_head(self, f: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.drop(f))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
 class BasicBlock(nn.Module):
     """ResNet basic block (two 3x3 convolutions with a shortcut)."""
 
@@ -38,7 +55,7 @@ class BasicBlock(nn.Module):
         return self.act(self.conv2(self.conv1(x)) + self.short(x))
 
 
-class EmoResNet(nn.Module):
+class EmoResNet(ImageClassifier):
     """Compact ResNet for small grayscale face crops (the project's default).
 
     Stem at full resolution, then one stage per halving of the feature map.
@@ -63,14 +80,8 @@ class EmoResNet(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return torch.flatten(self.pool(self.stages(self.stem(x))), 1)
 
-    def forward_head(self, f: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.drop(f))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-
-class DLPCNN(nn.Module):
+class DLPCNN(ImageClassifier):
     """The seed's image model after Li, Deng & Du, "Reliable Crowdsourcing and Deep
     Locality-Preserving Learning for Expression Recognition in the Wild" (CVPR 2017).
 
@@ -108,12 +119,6 @@ class DLPCNN(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc_feat(self.features(x))
 
-    def forward_head(self, f: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.drop(f))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
 
 _GRAY48 = dict(task="image", input_size=48, channels=1, mean=(0.5,), std=(0.5,), labels=LABELS)
 
@@ -142,7 +147,7 @@ IMAGENET_GREY_MEAN, IMAGENET_GREY_STD = 0.449, 0.226
 was folded to one grey channel expects."""
 
 
-class EmoMobileNetV2(nn.Module):
+class EmoMobileNetV2(ImageClassifier):
     """torchvision's MobileNetV2 on one grey channel, with a 7-way head.
 
     ``pretrained=True`` starts from torchvision's ImageNet weights (``mobilenet_v2-b0353104.pth``,
@@ -170,12 +175,6 @@ class EmoMobileNetV2(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return torch.flatten(self.pool(self.features(x)), 1)
-
-    def forward_head(self, f: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.drop(f))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def imagenet_mobilenet_v2_state() -> dict[str, torch.Tensor]:
