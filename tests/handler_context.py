@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import yaml
 from ts.context import Context, RequestProcessor
+
+from export.__main__ import main as export_main
 
 
 class _Metrics:
@@ -33,3 +36,11 @@ def run_handler(handler: Any, model_dir: Path, rows: list) -> tuple[list, list[i
     ctx = make_context(model_dir, len(rows))
     out = handler.handle(rows, ctx)
     return out, [ctx.get_response_status(i)[0] for i in range(len(rows))]
+
+
+def extracted_archive(task: str, checkpoint: Path, tmp: Path) -> Path:
+    """``python -m export`` of ``checkpoint`` into ``tmp``, extracted as TorchServe would: the model folder."""
+    assert export_main(["--task", task, "--checkpoint", str(checkpoint), "--out", str(tmp)]) == 0
+    with zipfile.ZipFile(tmp / f"emotion_{task}.mar") as z:
+        z.extractall(tmp / "model")
+    return tmp / "model"

@@ -4,7 +4,6 @@ the served maps on real faces (deleting the most-attributed 10% must hurt more t
 from __future__ import annotations
 
 import base64
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -13,12 +12,11 @@ import torch
 from PIL import Image
 from ts.context import RequestProcessor
 
-from export.__main__ import main as export_main
 from handlers import explain, faces
 from handlers.image_handler import EmotionImageHandler
 from model_defs import LABELS, create_model
 from tests.explain_faces import crop_files, fixture_inputs
-from tests.handler_context import make_context
+from tests.handler_context import extracted_archive, make_context
 from tests.tsserver import image_weights
 
 SCENES = Path(__file__).parent / "fixtures" / "photos"
@@ -29,10 +27,7 @@ MARGIN = 0.1  # mean probability drop beyond random deletion (measured: +0.28, b
 def model_dir(tmp_path_factory) -> Path:
     """An extracted emotion_image.mar of the shipped weights."""
     tmp = tmp_path_factory.mktemp("explain")
-    assert export_main(["--task", "image", "--checkpoint", str(image_weights(tmp)), "--out", str(tmp)]) == 0
-    with zipfile.ZipFile(tmp / "emotion_image.mar") as z:
-        z.extractall(tmp / "model")
-    return tmp / "model"
+    return extracted_archive("image", image_weights(tmp), tmp)
 
 
 @pytest.fixture(scope="module")
