@@ -26,9 +26,6 @@ class ImageClassifier(nn.Module):
     """The one image-network API: subclasses define ``forward_features`` (N, num_features) and
     the attributes ``drop`` (dropout) and ``fc`` (the classifier over ``len(LABELS)`` classes)."""
 
-    drop: nn.Module
-    fc: nn.Linear
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
