@@ -23,6 +23,7 @@ import av
 from PIL import Image
 from tqdm import tqdm
 
+from handlers.contract import DETECTION_MODES
 from handlers.preprocess import InputError, decode_image
 from handlers.video_decode import upright
 from model_defs import SHIPPED_WEIGHTS
@@ -135,7 +136,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timeline", type=Path, help="the video's timeline plot (default: OUTPUT_timeline.png)")
     p.add_argument("--image-weights", type=Path, default=SHIPPED_WEIGHTS["image"], help="default: %(default)s")
     p.add_argument("--video-weights", type=Path, default=SHIPPED_WEIGHTS["video"], help="default: %(default)s")
-    p.add_argument("--detection", choices=("auto", "always", "never"), default="auto",
+    p.add_argument("--detection", choices=DETECTION_MODES, default="auto",
                    help="face detection, as the service's option (default: %(default)s)")
     p.add_argument("--explain", action="store_true",
                    help="a photo: draw each face's map (what the model looked at for its top label)")
