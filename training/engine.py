@@ -214,8 +214,8 @@ def fit(model: nn.Module, train_loader, val_loader, cfg: FitConfig, device: torc
     ``model`` may be DDP-wrapped. Returns the best epoch's metrics with ``best_epoch``.
     """
     device = torch.device(device)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)  # 4-D weights only; inputs follow in train_one_epoch
+    if cfg.channels_last and all(p.dim() != 5 for p in model.parameters()):  # not for 3-D convolutions
+        model.to(memory_format=torch.channels_last)  # inputs follow in train_one_epoch
     out = Path(cfg.output_dir)
     ckpt_path = out / "checkpoint.pth"
     opt = build_optimizer(model, cfg)
