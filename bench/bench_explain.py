@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from export.torchscript import export_torchscript
 from handlers import explain, faces
 from handlers.common import load_scripted, optimize_for_cpu
-from model_defs import load_model
 from tests.explain_faces import fixture_inputs
+
+from .bench_model import export_weights
 
 # method, its parameters: the candidates measured
 CANDIDATES: list[tuple[str, dict]] = [
@@ -74,10 +74,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("bench/results/bench_explain.json"))
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    model = load_model(a.weights)
-    spec = model.spec.to_dict()
     with tempfile.TemporaryDirectory() as tmp:
-        path = export_torchscript(model, spec, Path(tmp) / "model.pt")
+        spec, path = export_weights(a.weights, tmp)
         plain, _ = load_scripted(path)
         before = rss_mb()
         second, _ = load_scripted(path)

@@ -33,6 +33,13 @@ def time_batches(model, x: torch.Tensor, seconds: float) -> list[float]:
     return times
 
 
+def export_weights(weights: str | Path, folder: str | Path) -> tuple[dict, Path]:
+    """The weights' spec, and the weights exported to TorchScript as ``folder/model.pt``."""
+    model = load_model(weights)
+    spec = model.spec.to_dict()
+    return spec, export_torchscript(model, spec, Path(folder) / "model.pt")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--weights", default="pretrain/emotion_image.pth")
@@ -42,10 +49,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    model = load_model(a.weights)
-    spec = model.spec.to_dict()
     with tempfile.TemporaryDirectory() as tmp:
-        path = export_torchscript(model, spec, Path(tmp) / "model.pt")
+        spec, path = export_weights(a.weights, tmp)
         scripted, _ = load_scripted(path, a.device)
     rows, result = [], {"arch": spec["arch"], "threads": a.threads, "device": a.device,
                         "weights_mb": round(Path(a.weights).stat().st_size / 2**20, 2)}
