@@ -83,7 +83,7 @@ video-weights: install
 kserve-store: $(STAMP) pretrain/emotion_image.pth pretrain/emotion_video.pth
 	$(PY) -m deploy.kserve_store --out deploy/kserve/store
 
-# KServe's Python model server, for tests/test_kserve_server.py only: a venv of its own, because
+# KServe's Python model server, for tests/test_kserve_e2e.py only: a venv of its own, because
 # kserve's pins would downgrade protobuf, grpcio-tools and psutil in .venv.
 KSERVE_VENV := deploy/.kserve-venv
 kserve-venv: $(KSERVE_VENV)/.installed
