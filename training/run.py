@@ -22,6 +22,7 @@ from model_defs import DEFAULT_MODEL, create_model, default_spec, list_models, l
 
 from .augment import AugmentConfig
 from .datasets import ImageFolderDataset, ListFileDataset, cache_in_memory, random_subset
+from .distill import mix_teacher_targets, read_targets, with_unlabelled
 from .engine import FitConfig, fit, is_main, lp_embedding, prepare_batch, setup_distributed
 from .ferplus import read_votes, soft_targets
 from .video_task import video_datasets
@@ -41,6 +42,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="FER+ votes (ferplus_votes.csv): train on a mix of the folder label and the vote distribution")
     p.add_argument("--label-weight", type=float, default=0.5,
                    help="with --soft-labels: weight of the folder label's one-hot in the target (the rest: FER+ votes)")
+    p.add_argument("--distill", metavar="DIR",
+                   help="teacher targets from python -m training.distill: mixed into the training images' "
+                   "targets, and its unlabelled faces added to the training set")
+    p.add_argument("--distill-weight", type=float, default=0.5,
+                   help="with --distill: weight of the teacher's answer in a training image's target")
     p.add_argument("--pretrained", action="store_true",
                    help="start from ImageNet weights (networks that have them, e.g. emo_mobilenet_v2)")
     p.add_argument("--one-based", action="store_true", help="list-file labels are 1-7 (RAF-DB) not 0-6")
@@ -110,8 +116,16 @@ def build_datasets(args: argparse.Namespace, spec: dict) -> tuple[Dataset, Datas
     counts = tr.class_counts()
     if args.soft_labels:
         tr.targets = soft_targets(tr.files, tr.labels, read_votes(args.soft_labels), args.label_weight)
+    faces = []
+    if args.distill:
+        if not isinstance(tr, ImageFolderDataset):
+            raise SystemExit("--distill needs an ImageFolder training set (--data DIR with train/)")
+        teacher, faces = read_targets(args.distill)
+        n = mix_teacher_targets(tr, Path(args.train_dir or Path(args.data) / "train"), teacher, args.distill_weight)
+        log.info("teacher targets for %d of %d training images, %d unlabelled faces added", n, len(tr), len(faces))
     if args.subset:
         tr, counts = random_subset(tr, tr.labels, args.subset, args.seed)
+    tr = with_unlabelled(tr, faces, spec)
     if args.cache:
         tr, va = cache_in_memory(tr, args.workers), cache_in_memory(va, args.workers)
     return tr, va, counts
