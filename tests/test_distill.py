@@ -20,7 +20,7 @@ from training.distill import (FACES_DIR, TARGETS_CSV, mix_teacher_targets, read_
 
 REPO = Path(__file__).resolve().parents[1]
 FIX = REPO / "tests" / "fixtures"
-TEACHER = REPO / "pretrain" / "teacher_faceres_s1.pth"
+TEACHER = REPO / "pretrain" / "teacher_faceres.pth"
 STUDENT = REPO / SHIPPED_WEIGHTS["image"]
 
 

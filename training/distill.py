@@ -1,6 +1,6 @@
 """Distillation targets: a teacher ensemble's calibrated answers on training and unlabelled faces.
 
-    python -m training.distill --teachers pretrain/teacher_faceres_s1.pth pretrain/emotion_image.pth \\
+    python -m training.distill --teachers pretrain/teacher_faceres.pth pretrain/emotion_image.pth \\
         --train-dir ../shared/data/fer2013/train --photos ../shared/data/photos/images \\
         --videos ../shared/data/videos/unlabelled --out runs/distill
     python -m training.run --task image --data ../shared/data/fer2013 --distill runs/distill ...
