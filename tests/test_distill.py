@@ -78,7 +78,7 @@ def test_teacher_targets_mix_into_labels_and_unlabelled_faces_join(distilled: Pa
     teacher, faces = read_targets(distilled / "out")
     first = Path(ds.files[0]).relative_to(train_dir).as_posix()
     partial = {k: v for k, v in teacher.items() if k != first}
-    assert mix_teacher_targets(ds, train_dir, partial, 0.25) == len(ds) - 1
+    assert mix_teacher_targets(ds, partial, 0.25) == len(ds) - 1
     one_hot = torch.nn.functional.one_hot(torch.tensor(ds.labels), len(LABELS)).float()
     torch.testing.assert_close(ds.targets[0], one_hot[0])  # no teacher answer: its own label
     k = Path(ds.files[1]).relative_to(train_dir).as_posix()

@@ -63,6 +63,7 @@ class ImageFolderDataset(_EncodedImages):
     def __init__(self, root: str | Path, spec: Mapping[str, Any], face_crop: FaceCropFn | None = None) -> None:
         files, labels = class_folders(root, _images_below, "image")
         super().__init__(files, labels, spec, face_crop)
+        self.root = Path(root)
 
 
 def _images_below(folder: Path) -> list[Path]:

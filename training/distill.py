@@ -17,7 +17,7 @@ import argparse
 import csv
 import logging
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 from PIL import Image
@@ -28,7 +28,8 @@ from handlers.preprocess import decode_image, to_uint8
 from handlers.video_decode import read_clip, sample_at_rate
 from model_defs import LABELS, load_model
 
-from .datasets import IMAGE_EXTS, _EncodedImages, _images_below
+from .clip_datasets import VIDEO_EXTS
+from .datasets import ImageFolderDataset, _EncodedImages, _images_below
 from .engine import predict_logits, prepare_batch
 from .labelled_files import class_folders
 
@@ -36,7 +37,6 @@ log = logging.getLogger("training.distill")
 
 TARGETS_CSV = "targets.csv"
 FACES_DIR = "faces"
-VIDEO_EXTS = {".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v"}
 MIN_FACE_PROB = 0.98
 """Detections below this MTCNN confidence are not used as unlabelled faces."""
 
@@ -65,14 +65,12 @@ def _crop_settings(specs: Sequence[dict]) -> tuple[int, float | None, int]:
     return max(int(s["input_size"]) for s in specs), margins.pop(), max(int(s["channels"]) for s in specs)
 
 
-def photo_faces(images: Iterable[Image.Image], detector: FaceDetector, size: int, margin: float | None,
-                channels: int, min_face: int) -> list[Image.Image]:
-    """Every confident face of at least ``min_face`` px in ``images``, aligned as the handlers align."""
-    out = []
-    for img in images:
-        (crops,) = faces_for_images([img], detector, "always", size, margin, channels)
-        out += [c.image for c in crops if c.face.score >= MIN_FACE_PROB and c.face.size >= min_face]
-    return out
+def confident_faces(images: Sequence[Image.Image], detector: FaceDetector, size: int, margin: float | None,
+                    channels: int, min_face: int) -> list[Image.Image]:
+    """Every confident face of at least ``min_face`` px in ``images`` (detected in one batched
+    call), aligned as the handlers align."""
+    return [c.image for crops in faces_for_images(images, detector, "always", size, margin, channels)
+            for c in crops if c.face.score >= MIN_FACE_PROB and c.face.size >= min_face]
 
 
 def video_frames(path: Path, fps: float, max_frames: int) -> list[Image.Image]:
@@ -80,8 +78,13 @@ def video_frames(path: Path, fps: float, max_frames: int) -> list[Image.Image]:
     return read_clip(str(path), lambda info: sample_at_rate(info, fps, 1, max_frames)).frames
 
 
-def _files(folders: Sequence[str | Path], exts: set[str]) -> list[Path]:
-    return [f for d in folders for f in sorted(Path(d).rglob("*")) if f.is_file() and f.suffix.lower() in exts]
+def unlabelled_images(args: argparse.Namespace) -> Iterator[tuple[str, list[Image.Image]]]:
+    """``(name prefix, pictures)`` per unlabelled source: each photo, then each video's sampled frames."""
+    for f in (f for d in args.photos for f in _images_below(Path(d))):
+        yield f"photo_{f.stem}", [decode_image(f.read_bytes())]
+    for f in (f for d in args.videos for f in sorted(Path(d).rglob("*"))
+              if f.is_file() and f.suffix.lower() in VIDEO_EXTS):
+        yield f"video_{f.stem}", video_frames(f, args.video_fps, args.max_frames)
 
 
 @torch.inference_mode()
@@ -138,15 +141,14 @@ class SoftTargetImages(_EncodedImages):
         self.targets = torch.stack([p for _, p in items]) if items else torch.empty(0, len(LABELS))
 
 
-def mix_teacher_targets(ds: _EncodedImages, train_dir: Path, teacher: dict[str, torch.Tensor],
-                        weight: float) -> int:
+def mix_teacher_targets(ds: ImageFolderDataset, teacher: dict[str, torch.Tensor], weight: float) -> int:
     """Set ``ds.targets`` to ``(1 - weight) * its target + weight * the teacher's`` for every image
     the teacher answered (others keep theirs); returns how many were mixed."""
     own = ds.targets if ds.targets is not None else torch.nn.functional.one_hot(
         torch.as_tensor(ds.labels), len(LABELS)).float()
     own, n = own.clone(), 0
     for i, f in enumerate(ds.files):
-        p = teacher.get(Path(f).relative_to(train_dir).as_posix())
+        p = teacher.get(Path(f).relative_to(ds.root).as_posix())
         if p is not None:
             own[i], n = (1 - weight) * own[i] + weight * p, n + 1
     ds.targets = own
@@ -188,18 +190,12 @@ def main(args: argparse.Namespace) -> dict:
     detector = FaceDetector(min_face_size=args.min_face) if args.photos or args.videos else None
     faces: list[Image.Image] = []
     names: list[str] = []
-    for f in _files(args.photos, IMAGE_EXTS):
-        got = photo_faces([decode_image(f.read_bytes())], detector, size, margin, channels, args.min_face)
-        names += _save_faces(out, got, f"photo_{f.stem}")
+    for prefix, images in unlabelled_images(args):
+        got = confident_faces(images, detector, size, margin, channels, args.min_face)
+        names += _save_faces(out, got, prefix)
         faces += got
-        counts["photos"] += len(got)
-    for f in _files(args.videos, VIDEO_EXTS):
-        got = photo_faces(video_frames(f, args.video_fps, args.max_frames), detector, size, margin,
-                          channels, args.min_face)
-        names += _save_faces(out, got, f"video_{f.stem}")
-        faces += got
-        counts["videos"] += len(got)
-        log.info("%s: %d faces", f.name, len(got))
+        counts["photos" if prefix.startswith("photo_") else "videos"] += len(got)
+        log.info("%s: %d faces", prefix, len(got))
     rows += [("unlabelled", n, p) for n, p in zip(names, teacher_probs(teachers, faces, args.batch_size))]
     write_targets(out, rows)
     log.info("wrote %s: %s", out / TARGETS_CSV, counts)

@@ -121,7 +121,7 @@ def build_datasets(args: argparse.Namespace, spec: dict) -> tuple[Dataset, Datas
         if not isinstance(tr, ImageFolderDataset):
             raise SystemExit("--distill needs an ImageFolder training set (--data DIR with train/)")
         teacher, faces = read_targets(args.distill)
-        n = mix_teacher_targets(tr, Path(args.train_dir or Path(args.data) / "train"), teacher, args.distill_weight)
+        n = mix_teacher_targets(tr, teacher, args.distill_weight)
         log.info("teacher targets for %d of %d training images, %d unlabelled faces added", n, len(tr), len(faces))
     if args.subset:
         tr, counts = random_subset(tr, tr.labels, args.subset, args.seed)
