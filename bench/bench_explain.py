@@ -6,7 +6,7 @@ of the 10% most-attributed pixels against 10% random pixels and random map cells
 
 Faces: the 56 FER2013 crops of ``tests/fixtures`` (classified whole) and the group photo's
 aligned faces. Models: the exported TorchScript image model (``handlers.common.load_scripted``),
-as served: occlusion on the MKLDNN graph (``optimize_for_cpu``), gradients on the plain one.
+as served: occlusion on the served CPU graph (``handlers.cpu_graph.optimize_for_cpu``), gradients on the plain one.
 """
 from __future__ import annotations
 
@@ -21,7 +21,9 @@ from pathlib import Path
 import torch
 
 from handlers import explain, faces
-from handlers.common import load_scripted, optimize_for_cpu
+from handlers.common import load_scripted
+from handlers.contract import IMAGE_DEFAULTS
+from handlers.cpu_graph import optimize_for_cpu
 from tests.explain_faces import fixture_inputs
 
 from .bench_model import export_weights
@@ -83,7 +85,7 @@ def main() -> None:
                         "grid": a.grid, "second_graph_rss_mb": round(rss_mb() - before, 1),
                         "torchscript_mb": round(path.stat().st_size / 2 ** 20, 2)}
         x0 = torch.zeros(2, int(spec["channels"]), int(spec["input_size"]), int(spec["input_size"]))
-        fast = optimize_for_cpu(second, x0, lambda: load_scripted(path)[0])
+        fast, fast_graph = optimize_for_cpu(second, x0, lambda: load_scripted(path)[0], IMAGE_DEFAULTS["optimize"])
     x = fixture_inputs(spec, faces.FaceDetector(max_faces=20))
     with torch.inference_mode():
         target = torch.softmax(plain(x), 1).argmax(1)
@@ -107,7 +109,7 @@ def main() -> None:
         maps = explain.attribute(graph, x, target, method, a.grid, **params)
         drop = explain.deletion_drop(fast, x, target, maps, a.fraction)
         fn = lambda batch: explain.attribute(graph, batch, target[:len(batch)], method, a.grid, **params)  # noqa: E731
-        r = {"graph": "mkldnn" if graph is fast else "plain", "drop": round(drop.mean().item(), 4),
+        r = {"graph": fast_graph if graph is fast else "plain", "drop": round(drop.mean().item(), 4),
              "margin_vs_random_pixels": round((drop - random_pixels).mean().item(), 4),
              "margin_vs_random_cells": round((drop - random_cells).mean().item(), 4),
              "wins_vs_random_pixels": round((drop > random_pixels).float().mean().item(), 3),

@@ -1,7 +1,9 @@
 """In-process speed of an exported model (TorchScript, CPU by default): batch-1 latency and
-throughput at several batch sizes. Prints a markdown table and, last, one JSON line.
+throughput at several batch sizes, on the CPU graph the handlers serve (``--optimize``, default
+the handlers' own, ``handlers/cpu_graph.py``). Prints a markdown table and, last, one JSON line.
 
     .venv/bin/python -m bench.bench_model --weights pretrain/emotion_image.pth --threads 2
+    .venv/bin/python -m bench.bench_model --optimize off    # the exported graph as it is
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ import torch
 
 from export.torchscript import example_input, export_torchscript
 from handlers.common import load_scripted
+from handlers.contract import CPU_GRAPHS, IMAGE_DEFAULTS
+from handlers.cpu_graph import optimize_for_cpu
 from model_defs import load_model
 
 
@@ -47,12 +51,18 @@ def main() -> None:
     p.add_argument("--batches", default="1,8,32,64,128")
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--optimize", choices=CPU_GRAPHS, default=IMAGE_DEFAULTS["optimize"],
+                   help="the CPU graph (handler option optimize; default: the served one)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     with tempfile.TemporaryDirectory() as tmp:
         spec, path = export_weights(a.weights, tmp)
         scripted, _ = load_scripted(path, a.device)
-    rows, result = [], {"arch": spec["arch"], "threads": a.threads, "device": a.device,
+        graph = "off"
+        if a.device == "cpu":
+            scripted, graph = optimize_for_cpu(scripted, example_input(spec, 2), lambda: load_scripted(path)[0],
+                                               a.optimize)
+    rows, result = [], {"arch": spec["arch"], "threads": a.threads, "device": a.device, "cpu_graph": graph,
                         "weights_mb": round(Path(a.weights).stat().st_size / 2**20, 2)}
     for b in map(int, a.batches.split(",")):
         x = example_input(spec, b).to(a.device)
@@ -61,7 +71,8 @@ def main() -> None:
         rows.append((b, med * 1000, med * 1000 / b, b / med))
         result[f"b{b}_ms"] = round(med * 1000, 3)
         result[f"b{b}_items_per_s"] = round(b / med, 1)
-    print(f"| batch | median ms/batch | ms/item | items/s |  ({spec['arch']}, {a.device}, {a.threads} threads)")
+    print(f"| batch | median ms/batch | ms/item | items/s |  ({spec['arch']}, {a.device}, {a.threads} threads, "
+          f"CPU graph {graph})")
     print("|---|---|---|---|")
     for b, ms, per, ips in rows:
         print(f"| {b} | {ms:.2f} | {per:.3f} | {ips:.0f} |")

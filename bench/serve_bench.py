@@ -61,6 +61,7 @@ from bench.loadgen import GrpcClient, LoadResult, RestClient, run_load
 from export.archive import build_archive, model_config_for, run_archiver
 from export.torchscript import export_torchscript
 from handlers.common import load_scripted
+from handlers.contract import IMAGE_DEFAULTS, VIDEO_DEFAULTS
 from model_defs import create_model, load_model, save_weights
 from serving import machine_lock, serving
 
@@ -185,13 +186,15 @@ def street_clip() -> tuple[bytes, str] | None:
 # --- in-process figures ----------------------------------------------------------------------
 def inprocess_limit(scripted_path: Path, spec: dict[str, Any], batches: Sequence[int],
                     seconds: float, thread_counts: Sequence[int]) -> dict[str, Any]:
-    """Best items/s over batch sizes, thread counts and graphs (plain TorchScript and
-    ``optimize_for_inference``), and the best batch-1 latency: the most the model can do."""
-    from handlers.common import optimize_for_cpu
+    """Best items/s over batch sizes, thread counts and graphs (plain TorchScript and the
+    handlers' default CPU graph, ``handlers/cpu_graph.py``), and the best batch-1 latency: the
+    most the model can do."""
+    from handlers.cpu_graph import optimize_for_cpu
 
     c, s = int(spec["channels"]), int(spec["input_size"])
     load = lambda: load_scripted(scripted_path)[0]  # noqa: E731
-    graphs = {"plain": load(), "optimized": optimize_for_cpu(load(), torch.randn(2, c, s, s), load)}
+    fast, mode = optimize_for_cpu(load(), torch.randn(2, c, s, s), load, IMAGE_DEFAULTS["optimize"])
+    graphs = {"plain": load(), mode: fast}
     out: dict[str, Any] = {"per_config": {}}
     best, b1 = (0.0, 0, "", 0), float("inf")
     for threads in thread_counts:
@@ -214,12 +217,12 @@ def video_model_ms(scripted_path: Path, spec: dict[str, Any], n_clips: int, thre
                    reps: int) -> float:
     """Median ms of one forward pass over ``n_clips`` model inputs (clips, or a per-frame
     model's face crops), the handler's CPU graph."""
-    from handlers.common import optimize_for_cpu
+    from handlers.cpu_graph import optimize_for_cpu
 
     torch.set_num_threads(threads)
     shape = tuple(int(v) for v in spec["extra"]["input_shape"])
     load = lambda: load_scripted(scripted_path)[0]  # noqa: E731
-    model = optimize_for_cpu(load(), torch.randn(2, *shape), load)
+    model, _ = optimize_for_cpu(load(), torch.randn(2, *shape), load, VIDEO_DEFAULTS["optimize"])
     x = torch.randn(n_clips, *shape)
     with torch.inference_mode():
         model(x)

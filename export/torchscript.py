@@ -76,7 +76,7 @@ def export_torchscript(model: nn.Module, spec: Mapping[str, Any], path: str | os
 
     ``freeze``: inline the weights as constants and fold BatchNorm into the convolutions
     (``torch.jit.freeze``; device-neutral, unlike ``optimize_for_inference``, whose CPU graph
-    uses MKLDNN ops: the handlers apply that at load time on the CPU). The saved file is
+    uses MKLDNN ops: the handlers choose their CPU graph at load time, ``handlers/cpu_graph.py``). The saved file is
     loaded back and compared with the eager model on a random batch, so what is written is
     exactly what was checked. The spec's ``extra["tta_flip"]`` (mirror averaging) and
     ``extra["temperature"]`` (calibration) are compiled in (``model_defs.inference_model``), so

@@ -14,7 +14,7 @@ import logging
 import os
 import warnings
 from http import HTTPStatus
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
@@ -261,25 +261,3 @@ def load_scripted_model(context: Any, device: torch.device) -> tuple[torch.jit.S
     """The archive's TorchScript model (eval mode, on ``device``) and the spec stored inside it."""
     model_dir = context.system_properties["model_dir"]
     return load_scripted(os.path.join(model_dir, context.manifest["model"]["serializedFile"]), device)
-
-
-def optimize_for_cpu(model: Any, example: torch.Tensor, reload: Callable[[], Any], atol: float = 1e-4,
-                     rtol: float = 1e-3) -> Any:
-    """``model`` (TorchScript) through ``torch.jit.optimize_for_inference`` (MKLDNN convolutions;
-    CPU only), kept only if it gives the plain model's output on ``example``; otherwise (the
-    pass works in place) ``reload()``, a freshly loaded plain model."""
-    try:
-        with torch.inference_mode():
-            want = model(example)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            fast = torch.jit.optimize_for_inference(model)
-        with torch.inference_mode():
-            got = fast(example)
-        if got.shape == want.shape and torch.allclose(got, want, atol=atol, rtol=rtol):
-            return fast
-        logger.warning("optimize_for_inference changed the output (max abs diff %.3g): not used",
-                       (got - want).abs().max().item())
-    except Exception as e:  # an optimisation only: never fail loading for it
-        logger.warning("optimize_for_inference failed (%s): not used", e)
-    return reload()

@@ -19,6 +19,16 @@ DETECTION_MODES: tuple[str, ...] = get_args(DetectionMode)
 """Face detection: ``auto`` (faces, or the whole image when it is a face crop or has none),
 ``always`` (faces only) and ``never`` (the whole image)."""
 
+CpuGraph = Literal["onednn", "mkldnn", "off"]
+CPU_GRAPHS: tuple[str, ...] = get_args(CpuGraph)
+"""The handler option ``optimize``, the graph a model runs on the CPU (``handlers/cpu_graph.py``):
+oneDNN Graph fusion (the default), ``optimize_for_inference``'s MKLDNN graph, or the exported one."""
+
+BATCH_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+"""With ``optimize: onednn``, the batch sizes a model is called at (batches are padded up to one,
+larger ones are cut into chunks of 64): each is one compiled graph, all compiled at start-up.
+64 is the explanations' chunk (``handlers/explain.py`` MAX_CHUNK)."""
+
 MAX_IMAGE_PIXELS = 40_000_000
 """Largest image a request may send (413 above): a 7300x5500 photo, more than any phone sends."""
 
@@ -41,7 +51,7 @@ IMAGE_DEFAULTS: Mapping[str, Any] = MappingProxyType({
     "max_faces": 20,  # per image
     "detect_max_side": MAX_DETECT_SIDE,
     "max_pixels": MAX_IMAGE_PIXELS,
-    "optimize": True,  # MKLDNN graph on CPU, kept only if it gives the plain model's output
+    "optimize": CPU_GRAPHS[0],  # the CPU graph (CPU_GRAPHS), kept only if it gives the plain model's output
     "half": True,  # float16 autocast on GPU, likewise
     # POST /explanations: the attribution method (handlers/explain.py METHODS; occlusion was the
     # most faithful and runs on the optimized graph, bench/bench_explain.py) and its map's cells per side
@@ -73,7 +83,7 @@ VIDEO_DEFAULTS: Mapping[str, Any] = MappingProxyType({
     "refine": 1,
     "max_people": 8,
     "pooling": "",  # a per-frame model's pooling (handlers/video_pool.py); "": the spec's own
-    "optimize": True,
+    "optimize": CPU_GRAPHS[0],
     # POST /explanations: per person, the explain_frames frames that weighed most in the clip's
     # answer, each with a map as the image handler's (explain_method, explain_grid)
     "explain_method": "occlusion",

@@ -7,14 +7,14 @@ count the spec describes) and attributes the softmax probability of one label pe
 * ``occlusion`` (forward passes only): each cell of a ``grid`` x ``grid`` partition of the crop
   is replaced by the baseline (the spec's mean grey, 0 once normalized) in a sliding window of
   ``window`` x ``window`` cells; a cell's score is the mean probability drop of the windows that
-  cover it. Runs on the optimized (MKLDNN) inference graph.
+  cover it. Runs on the served CPU graph (``handlers/cpu_graph.py``).
 * ``integrated_gradients`` (Sundararajan et al., 2017): the input minus the baseline times the
   mean gradient along ``steps`` points of the straight path from the baseline.
 * ``gradient_x_input``: the input minus the baseline times the gradient (one backward pass).
 * ``smoothgrad`` (Smilkov et al., 2017): gradient x input averaged over ``samples`` copies with
   Gaussian noise.
 
-The gradient methods need a graph that gives gradients (not the MKLDNN one). A map is the
+The gradient methods need a graph that gives gradients: a plain copy when the CPU graph is optimized. A map is the
 attribution summed per cell over the cell's pixels and channels, its positive part (evidence
 for the label), divided by its maximum: ``grid`` x ``grid`` floats in [0, 1], rows from the
 top of the crop. Which method the handler uses was measured (``bench/bench_explain.py``).
@@ -298,8 +298,9 @@ def request_target(sources: Sequence[Mapping[str, Any]], labels: Sequence[str]) 
 
 class Explainer:
     """A handler's explanation settings (``explain_method``, ``explain_grid``) and the graph
-    they run on: the served one, or, for a gradient method when the served graph is the MKLDNN
-    one (which gives no gradients), a plain copy from ``load_plain`` (about 6 MB more)."""
+    they run on: the served one, or, for a gradient method when the served graph is an optimized
+    CPU graph (``handlers/cpu_graph.py``; the MKLDNN one gives no gradients), a plain copy from
+    ``load_plain`` (about 6 MB more)."""
 
     def __init__(self, options: Mapping[str, Any], model: Model, optimized: bool,
                  load_plain: Callable[[], Model]) -> None:

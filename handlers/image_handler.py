@@ -17,7 +17,7 @@ Options, from ``model-config.yaml``'s ``handler:`` section over the defaults in
 ``handlers/contract.py`` (``IMAGE_DEFAULTS``, which the archive's YAML is written from):
 ``detection`` (auto | always | never), ``min_face_size`` (pixels), ``max_faces`` (per image),
 ``detect_max_side`` (photos are downscaled to it for detection), ``max_pixels`` (larger images
-are answered 413), ``topk``, ``threads``, ``optimize`` (MKLDNN graph on CPU) and ``half``
+are answered 413), ``topk``, ``threads``, ``optimize`` (the CPU graph: onednn | mkldnn | off) and ``half``
 (float16 autocast on GPU; each kept only if it gives the plain model's output).
 Per request, ``detection`` and ``max_faces`` (at most the configured one) may be sent as
 multipart form fields beside the image, JSON fields beside the base64 image, or gRPC
@@ -46,11 +46,12 @@ from PIL import Image
 from ts.torch_handler.base_handler import BaseHandler
 
 try:  # inside the repository (package import)
-    from . import common, explain, faces, preprocess
+    from . import common, cpu_graph, explain, faces, preprocess
     from . import metrics as handler_metrics
     from .contract import DETECTION_MODES
 except ImportError:  # inside a .mar the shared modules sit flat beside the handler
     import common  # type: ignore[no-redef]
+    import cpu_graph  # type: ignore[no-redef]
     import explain  # type: ignore[no-redef]
     import faces  # type: ignore[no-redef]
     from contract import DETECTION_MODES  # type: ignore[no-redef]
@@ -119,12 +120,12 @@ class EmotionImageHandler(BaseHandler):
         self.channels = int(self.spec["channels"])
         example = torch.randn(2, self.channels, self.input_size, self.input_size,
                               generator=torch.Generator().manual_seed(0))
-        self.optimized = False
-        if self.device.type == "cpu" and bool(options["optimize"]):
-            # MKLDNN graph: 1.1-1.4x the frozen graph's crops/s on CPU (bench/serve_bench.py)
-            self.model = common.optimize_for_cpu(
-                self.model, example, lambda: common.load_scripted_model(context, self.device)[0])
-            self.optimized = "mkldnn" in str(getattr(self.model, "graph", "")).lower()
+        self.cpu_graph = "off"  # handlers/cpu_graph.py: the faster CPU graph in use, if any
+        if self.device.type == "cpu":
+            self.model, self.cpu_graph = cpu_graph.optimize_for_cpu(
+                self.model, example, lambda: common.load_scripted_model(context, self.device)[0],
+                options["optimize"])
+        self.optimized = self.cpu_graph != "off"
         # explanations: on this graph (occlusion), or on a plain copy for a gradient method
         self.explainer = explain.Explainer(options, self.model, self.optimized,
                                            lambda: common.load_scripted_model(context, self.device)[0])
@@ -138,9 +139,9 @@ class EmotionImageHandler(BaseHandler):
         self.batch_metrics = handler_metrics.BatchMetrics(None)  # replaced per batch
         self.batch_explain = explain.BatchExplanations()  # likewise
         self.initialized = True
-        logger.info("loaded %s (%s) on %s, %d threads, optimized %s, float16 %s; detection %s, "
+        logger.info("loaded %s (%s) on %s, %d threads, CPU graph %s, float16 %s; detection %s, "
                     "min face %d px, max %d faces; explanations %s %dx%d", self.manifest["model"]["serializedFile"],
-                    self.spec.get("arch"), self.device, torch.get_num_threads(), self.optimized, self.half,
+                    self.spec.get("arch"), self.device, torch.get_num_threads(), self.cpu_graph, self.half,
                     self.detection, self.min_face_size, self.max_faces, self.explainer.method,
                     self.explainer.grid, self.explainer.grid)
 

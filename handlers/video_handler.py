@@ -31,11 +31,12 @@ import torch
 from ts.torch_handler.base_handler import BaseHandler
 
 try:  # inside the repository (package import)
-    from . import common, explain, faces, preprocess, video_pipeline
+    from . import common, cpu_graph, explain, faces, preprocess, video_pipeline
     from . import metrics as handler_metrics
     from .video_batch import VideoBatch, VideoRequest
 except ImportError:  # inside a .mar the shared modules sit flat beside the handler
     import common  # type: ignore[no-redef]
+    import cpu_graph  # type: ignore[no-redef]
     import explain  # type: ignore[no-redef]
     import faces  # type: ignore[no-redef]
     import metrics as handler_metrics  # type: ignore[no-redef]
@@ -78,12 +79,13 @@ class EmotionVideoHandler(BaseHandler):
         self.limits = self.pipeline.limits
         self.clip_len = self.pipeline.clip_len
         self.time_dim = self.pipeline.time_dim
-        self.optimized = False
-        if self.device.type == "cpu" and bool(opts.get("optimize", True)):
+        self.cpu_graph = "off"  # handlers/cpu_graph.py: the faster CPU graph in use, if any
+        if self.device.type == "cpu":
             example = torch.randn(2, *self.pipeline.input_shape(), generator=torch.Generator().manual_seed(0))
-            self.model = common.optimize_for_cpu(
-                self.model, example, lambda: common.load_scripted_model(context, self.device)[0])
-            self.optimized = "mkldnn" in str(getattr(self.model, "graph", "")).lower()
+            self.model, self.cpu_graph = cpu_graph.optimize_for_cpu(
+                self.model, example, lambda: common.load_scripted_model(context, self.device)[0],
+                opts["optimize"])
+        self.optimized = self.cpu_graph != "off"
         self.explainer = explain.Explainer(opts, self.model, self.optimized,
                                            lambda: common.load_scripted_model(context, self.device)[0])
         self.explain_frames = max(1, int(opts["explain_frames"]))
@@ -91,9 +93,9 @@ class EmotionVideoHandler(BaseHandler):
         self.batch_metrics = handler_metrics.BatchMetrics(None)  # replaced per batch
         self.batch_explain = explain.BatchExplanations()  # likewise
         self.initialized = True
-        logger.info("loaded %s (%s) on %s, %d threads, optimized %s; faces %s, pooling %s; %s",
+        logger.info("loaded %s (%s) on %s, %d threads, CPU graph %s; faces %s, pooling %s; %s",
                     self.manifest["model"]["serializedFile"], self.spec.get("arch"), self.device,
-                    torch.get_num_threads(), self.optimized, self.pipeline.detection,
+                    torch.get_num_threads(), self.cpu_graph, self.pipeline.detection,
                     self.pipeline.pooling if self.pipeline.frame_model else "in the model", self.limits)
 
     def _warm_up(self) -> None:
