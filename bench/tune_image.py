@@ -5,8 +5,9 @@ and handler options; each gets the same crop load (REST) in turn, round-robin, `
     .venv/bin/python -m bench.tune_image --variants b8d20w1t0,b16d5w2t1,b32d5w1t2 --concurrency 8,32
 
 Variant syntax: ``b<batchSize>d<maxBatchDelay ms>w<workers>t<threads per worker, 0 = cores/workers>``
-and optional flags ``+opt`` / ``-opt`` (handler option ``optimize``). Prints a markdown table
-and, last, one JSON line.
+and optional flags ``+onednn`` / ``+mkldnn`` / ``-opt`` (handler option ``optimize``, the CPU graph;
+``+opt``: the default one) or ``+name`` / ``-name`` for another boolean handler option. Prints a
+markdown table and, last, one JSON line.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from bench.loadgen import RestClient, run_load
 from bench.serve_bench import crop_payloads
 from export.archive import build_archive, model_config_for
 from export.torchscript import export_torchscript
+from handlers.contract import CPU_GRAPHS
 from model_defs import create_model, load_model, save_weights
 from serving import running_server
 
@@ -43,7 +45,10 @@ def parse_variant(text: str) -> tuple[dict[str, Any], dict[str, Any]]:
     cfg = {"batchSize": int(b), "maxBatchDelay": int(d), "minWorkers": int(w), "maxWorkers": int(w)}
     handler = {"threads": int(t)}
     for sign, name in re.findall(r"([+-])(\w+)", flags):
-        handler["optimize" if name == "opt" else name] = sign == "+"
+        if name in CPU_GRAPHS and sign == "+":
+            handler["optimize"] = name
+        else:
+            handler["optimize" if name == "opt" else name] = sign == "+"
     return cfg, handler
 
 

@@ -211,3 +211,14 @@ def test_server_logs_without_per_request_chatter(server):
                     "result=[METRICS]"):
         assert chatter not in ts_log, chatter
     assert "Backend received inference at" not in (logs / "model_log.log").read_text()
+
+
+def test_worker_serves_on_the_onednn_graph(server):
+    """The archive's default CPU graph (handlers/cpu_graph.py) is the one the worker runs: its
+    bucket graphs compiled and checked against the plain model at start-up, and answers right."""
+    log = (server.workdir / "logs" / "model_log.log").read_text()
+    graphs = re.findall(r"CPU graph (\w+), float16", log)
+    assert graphs and set(graphs) == {"onednn"}, graphs
+    assert "changed the output" not in log and "failed (" not in log
+    for path in FACES[:3]:
+        check_answer(post(server, data=path.read_bytes()).json(), path)
