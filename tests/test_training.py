@@ -183,6 +183,23 @@ def test_train_cli_smoke_and_resume(tmp_path: Path):
     assert load_model(out_dir / "best.pth").spec.arch == DEFAULT_MODEL["image"]
 
 
+def test_train_cli_fine_tunes_at_another_input_size(tmp_path: Path):
+    """--input-size: the network's spec (and so its data, checkpoint and export) at a new side,
+    from --init weights of the network's own size."""
+    data = tmp_path / "data"
+    shutil.copytree(FACES, data / "train")
+    shutil.copytree(FACES, data / "val")
+    torch.manual_seed(0)
+    save_weights(create_model("emo_resnet_s"), tmp_path / "start.pth")
+    subprocess.run([sys.executable, "-m", "training.run", "--task", "image", "--model", "emo_resnet_s",
+                    "--data", str(data), "--epochs", "1", "-b", "7", "--workers", "0", "--threads", "1",
+                    "--init", str(tmp_path / "start.pth"), "--input-size", "56",
+                    "--output-dir", str(tmp_path / "run")], cwd=REPO, check=True, capture_output=True)
+    tuned = load_model(tmp_path / "run" / "best.pth")
+    assert tuned.spec.input_size == 56 and create_model("emo_resnet_s").spec.input_size == 48
+    assert tuned(torch.zeros(2, 1, 56, 56)).shape == (2, len(LABELS))
+
+
 def test_flip_averaging_is_what_export_compiles_in(tmp_path: Path):
     """A spec with extra.tta_flip: the exported TorchScript gives the mirror-averaged
     probabilities, exactly as training.engine scores the eager model."""

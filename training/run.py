@@ -11,6 +11,7 @@ The best epoch's weights go to ``<output-dir>/best.pth`` (the format ``export`` 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -84,6 +85,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--eval-initial", action="store_true",
                    help="score the starting weights as epoch 0, so the best kept can be the start")
     p.add_argument("--init", help="weights to start from (fine-tuning), e.g. pretrain/emotion_image.pth")
+    p.add_argument("--input-size", type=int, default=0,
+                   help="input side in pixels (0: the network's own); a fully convolutional network can "
+                        "be fine-tuned at a larger size from --init weights")
     p.add_argument("--cache", action="store_true", help="decode the datasets into memory once")
     p.add_argument("-j", "--workers", type=int, default=2, help="data-loading processes")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
@@ -151,7 +155,10 @@ def main(args: argparse.Namespace) -> dict:
     name = args.model or DEFAULT_MODEL[args.task]
     if name not in list_models(args.task):
         raise SystemExit(f"unknown {args.task} model {name!r}; choose from {list_models(args.task)}")
-    model = create_model(name, default_spec(name), **({"pretrained": True} if args.pretrained else {}))
+    spec = default_spec(name)
+    if args.input_size:
+        spec = dataclasses.replace(spec, input_size=args.input_size)
+    model = create_model(name, spec, **({"pretrained": True} if args.pretrained else {}))
     if args.init:
         init = load_checkpoint(args.init)
         if args.task == "video" and init["spec"].get("task") == "image":
