@@ -130,3 +130,11 @@ def test_rest_several_people_get_their_own_answers(server):
     assert answer["faces"]["detected_frames"] < answer["faces"]["sampled_frames"]
     for p in answer["people"][:4]:
         assert len(p["top3"]) == 3 and len(p["timeline"]) == len(answer["timeline"])
+
+
+def test_worker_serves_on_the_onednn_graph(server):
+    """The video archive's default CPU graph (handlers/cpu_graph.py) is the one its worker runs."""
+    log = (server.workdir / "logs" / "model_log.log").read_text()
+    graphs = re.findall(r"CPU graph (\w+); faces", log)
+    assert graphs and set(graphs) == {"onednn"}, graphs
+    assert "changed the output" not in log and "failed (" not in log
