@@ -3,14 +3,12 @@ batch buckets, the MKLDNN graph, the exported one; each checked against the plai
 from __future__ import annotations
 
 import tempfile
-import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 
 from bench.bench_model import export_weights
-from export.__main__ import main as export_main
 from export.archive import SERIALIZED_NAME
 from export.torchscript import example_input
 from handlers import cpu_graph
@@ -18,7 +16,7 @@ from handlers.common import load_scripted
 from handlers.contract import BATCH_BUCKETS, CPU_GRAPHS, IMAGE_DEFAULTS
 from handlers.image_handler import EmotionImageHandler
 from model_defs import create_model, save_weights
-from tests.handler_context import make_context
+from tests.handler_context import extracted_archive, make_context
 
 SHIPPED = Path(__file__).resolve().parents[1] / "pretrain" / "emotion_image.pth"
 
@@ -120,10 +118,7 @@ def model_dir(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("mar")
     torch.manual_seed(0)
     save_weights(create_model("emo_mobilenet_v2"), tmp / "random.pth")
-    assert export_main(["--task", "image", "--checkpoint", str(tmp / "random.pth"), "--out", str(tmp)]) == 0
-    with zipfile.ZipFile(tmp / "emotion_image.mar") as z:
-        z.extractall(tmp / "model")
-    return tmp / "model"
+    return extracted_archive("image", tmp / "random.pth", tmp)
 
 
 @pytest.mark.parametrize("option,want", [(None, "onednn"), ("mkldnn", "mkldnn"), (False, "off")])
