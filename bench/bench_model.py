@@ -58,10 +58,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         spec, path = export_weights(a.weights, tmp)
         scripted, _ = load_scripted(path, a.device)
-        graph = "off"
-        if a.device == "cpu":
-            scripted, graph = optimize_for_cpu(scripted, example_input(spec, 2), lambda: load_scripted(path)[0],
-                                               a.optimize)
+        scripted, graph = optimize_for_cpu(scripted, example_input(spec, 2).to(a.device),
+                                           lambda: load_scripted(path, a.device)[0], a.optimize)
     rows, result = [], {"arch": spec["arch"], "threads": a.threads, "device": a.device, "cpu_graph": graph,
                         "weights_mb": round(Path(a.weights).stat().st_size / 2**20, 2)}
     for b in map(int, a.batches.split(",")):

@@ -96,15 +96,15 @@ def _faster_graph(model: Any, mode: str, example: torch.Tensor) -> Any:
         return torch.jit.optimize_for_inference(model)
 
 
-def optimize_for_cpu(model: Any, example: torch.Tensor, reload: Callable[[], Any], mode: Any = True,
-                     atol: float = 1e-4, rtol: float = 1e-3) -> tuple[Any, str]:
-    """``model`` (TorchScript, on the CPU) on the graph ``mode`` names (:func:`cpu_graph_mode`)
-    and the mode in use. The faster graph is kept only if it gives a freshly loaded plain model's
-    output (``reload()``) on ``example``; otherwise (both passes change the model in place) a
-    plain model from ``reload()`` with mode ``off``."""
+def optimize_for_cpu(model: Any, example: torch.Tensor, reload: Callable[[], Any],
+                     mode: Any = CPU_GRAPHS[0], atol: float = 1e-4, rtol: float = 1e-3) -> tuple[Any, str]:
+    """``model`` (TorchScript) on the graph ``mode`` names (:func:`cpu_graph_mode`) and the mode in
+    use; a model off the CPU (``example``'s device) stays as it is (``off``). The faster graph is
+    kept only if it gives a freshly loaded plain model's output (``reload()``) on ``example``;
+    otherwise (both passes change the model in place) a plain model from ``reload()``, ``off``."""
     mode = cpu_graph_mode(mode)
-    if mode == "off":
-        return model, mode
+    if mode == "off" or example.device.type != "cpu":
+        return model, "off"
     with torch.inference_mode():
         want = reload()(example)
     try:

@@ -119,18 +119,16 @@ class EmotionImageHandler(BaseHandler):
         self.input_size = int(self.spec["input_size"])
         self.channels = int(self.spec["channels"])
         example = torch.randn(2, self.channels, self.input_size, self.input_size,
-                              generator=torch.Generator().manual_seed(0))
-        self.cpu_graph = "off"  # handlers/cpu_graph.py: the faster CPU graph in use, if any
-        if self.device.type == "cpu":
-            self.model, self.cpu_graph = cpu_graph.optimize_for_cpu(
-                self.model, example, lambda: common.load_scripted_model(context, self.device)[0],
-                options["optimize"])
+                              generator=torch.Generator().manual_seed(0)).to(self.device)
+        # handlers/cpu_graph.py: the faster CPU graph in use ("off" on a GPU or when none is)
+        self.model, self.cpu_graph = cpu_graph.optimize_for_cpu(
+            self.model, example, lambda: common.load_scripted_model(context, self.device)[0], options["optimize"])
         self.optimized = self.cpu_graph != "off"
         # explanations: on this graph (occlusion), or on a plain copy for a gradient method
         self.explainer = explain.Explainer(options, self.model, self.optimized,
                                            lambda: common.load_scripted_model(context, self.device)[0])
         self.half = (self.device.type == "cuda" and bool(options["half"])
-                     and self._half_matches(example.to(self.device)))
+                     and self._half_matches(example))
         self.face_margin = self.spec.get("face_margin")  # None/0: faces.DEFAULT_MARGIN
         self._detector: faces.FaceDetector | None = None
         if self.detection != "never":  # fail at start-up, not on the first request

@@ -79,12 +79,11 @@ class EmotionVideoHandler(BaseHandler):
         self.limits = self.pipeline.limits
         self.clip_len = self.pipeline.clip_len
         self.time_dim = self.pipeline.time_dim
-        self.cpu_graph = "off"  # handlers/cpu_graph.py: the faster CPU graph in use, if any
-        if self.device.type == "cpu":
-            example = torch.randn(2, *self.pipeline.input_shape(), generator=torch.Generator().manual_seed(0))
-            self.model, self.cpu_graph = cpu_graph.optimize_for_cpu(
-                self.model, example, lambda: common.load_scripted_model(context, self.device)[0],
-                opts["optimize"])
+        example = torch.randn(2, *self.pipeline.input_shape(), generator=torch.Generator().manual_seed(0))
+        # handlers/cpu_graph.py: the faster CPU graph in use ("off" on a GPU or when none is)
+        self.model, self.cpu_graph = cpu_graph.optimize_for_cpu(
+            self.model, example.to(self.device), lambda: common.load_scripted_model(context, self.device)[0],
+            opts["optimize"])
         self.optimized = self.cpu_graph != "off"
         self.explainer = explain.Explainer(opts, self.model, self.optimized,
                                            lambda: common.load_scripted_model(context, self.device)[0])

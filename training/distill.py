@@ -78,13 +78,14 @@ def video_frames(path: Path, fps: float, max_frames: int) -> list[Image.Image]:
     return read_clip(str(path), lambda info: sample_at_rate(info, fps, 1, max_frames)).frames
 
 
-def unlabelled_images(args: argparse.Namespace) -> Iterator[tuple[str, list[Image.Image]]]:
-    """``(name prefix, pictures)`` per unlabelled source: each photo, then each video's sampled frames."""
+def unlabelled_images(args: argparse.Namespace) -> Iterator[tuple[str, str, list[Image.Image]]]:
+    """``(kind, name prefix, pictures)`` per unlabelled source: each photo (``photos``), then each
+    video's sampled frames (``videos``)."""
     for f in (f for d in args.photos for f in _images_below(Path(d))):
-        yield f"photo_{f.stem}", [decode_image(f.read_bytes())]
+        yield "photos", f"photo_{f.stem}", [decode_image(f.read_bytes())]
     for f in (f for d in args.videos for f in sorted(Path(d).rglob("*"))
               if f.is_file() and f.suffix.lower() in VIDEO_EXTS):
-        yield f"video_{f.stem}", video_frames(f, args.video_fps, args.max_frames)
+        yield "videos", f"video_{f.stem}", video_frames(f, args.video_fps, args.max_frames)
 
 
 @torch.inference_mode()
@@ -190,11 +191,11 @@ def main(args: argparse.Namespace) -> dict:
     detector = FaceDetector(min_face_size=args.min_face) if args.photos or args.videos else None
     faces: list[Image.Image] = []
     names: list[str] = []
-    for prefix, images in unlabelled_images(args):
+    for kind, prefix, images in unlabelled_images(args):
         got = confident_faces(images, detector, size, margin, channels, args.min_face)
         names += _save_faces(out, got, prefix)
         faces += got
-        counts["photos" if prefix.startswith("photo_") else "videos"] += len(got)
+        counts[kind] += len(got)
         log.info("%s: %d faces", prefix, len(got))
     rows += [("unlabelled", n, p) for n, p in zip(names, teacher_probs(teachers, faces, args.batch_size))]
     write_targets(out, rows)
