@@ -11,9 +11,11 @@ import base64
 import binascii
 import json
 import logging
+import math
 import os
 import warnings
 from http import HTTPStatus
+from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
@@ -231,15 +233,48 @@ def handler_options(context: Any, task: str) -> dict[str, Any]:
     return {**HANDLER_DEFAULTS[task], **(yaml_cfg.get("handler") or {})}
 
 
+def cgroup_cpu_limit(root: str | os.PathLike = "/sys/fs/cgroup") -> float | None:
+    """The CPU limit of this process's cgroup (a container's ``limits.cpu``), in CPUs, or None
+    when there is none: cgroup v2's ``cpu.max`` ("200000 100000" = 2 CPUs, "max ..." = none),
+    else cgroup v1's ``cpu/cpu.cfs_quota_us`` over ``cpu.cfs_period_us`` (-1 = none)."""
+    root = Path(root)
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        try:
+            quota = (root / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (root / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return None
+    try:
+        q, per = int(quota), int(period)
+    except ValueError:  # "max": no limit
+        return None
+    return q / per if q > 0 and per > 0 else None
+
+
+def usable_cpus(cgroup_root: str | os.PathLike = "/sys/fs/cgroup") -> int:
+    """The CPUs this process can really use: its affinity mask (``taskset``, a cpuset), capped by
+    its cgroup's CPU limit (rounded up). ``os.cpu_count()`` counts the whole machine, which in a
+    container is the node's cores, not the pod's limit."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        cpus = os.cpu_count() or 1
+    limit = cgroup_cpu_limit(cgroup_root)
+    return max(1, min(cpus, math.ceil(limit))) if limit else max(1, cpus)
+
+
 def select_device(context: Any, options: Mapping[str, Any]) -> torch.device:
     """The worker's GPU if TorchServe gave it one; else the CPU with ``threads`` threads
-    (``options["threads"]``, 0 = the machine's cores shared among ``maxWorkers`` workers)."""
+    (``options["threads"]``, 0 = the usable cores, :func:`usable_cpus`, shared among
+    ``maxWorkers`` workers)."""
     gpu_id = context.system_properties.get("gpu_id")
     if torch.cuda.is_available() and gpu_id is not None:
         return torch.device(f"cuda:{gpu_id}")
     yaml_cfg = getattr(context, "model_yaml_config", None) or {}
     threads = int(options.get("threads", 0) or 0) or max(
-        1, (os.cpu_count() or 1) // max(1, int(yaml_cfg.get("maxWorkers", 1))))
+        1, usable_cpus() // max(1, int(yaml_cfg.get("maxWorkers", 1))))
     torch.set_num_threads(threads)
     return torch.device("cpu")
 

@@ -45,7 +45,7 @@ MAX_REQUEST_BYTES = 64 * 1024 * 1024
 
 IMAGE_DEFAULTS: Mapping[str, Any] = MappingProxyType({
     "topk": 3,
-    "threads": 0,  # 0: the machine's cores shared among maxWorkers workers
+    "threads": 0,  # 0: the usable cores (affinity, cgroup CPU limit) shared among maxWorkers workers
     "detection": "auto",
     "min_face_size": 20,  # pixels, in the image as detection sees it
     "max_faces": 20,  # per image
@@ -112,8 +112,9 @@ KSERVE_HTTP_PORT = 8080
 KSERVE_POD_CPUS = 2
 """CPUs per serving pod (deploy/ manifests' requests and limits): the 2 cores ``make bench``
 measured and the archives' workers were tuned on. The store's archives get
-``threads = KSERVE_POD_CPUS // maxWorkers``: a container sees the node's cores in
-``os.cpu_count()``, so the default (the cores / maxWorkers) would oversubscribe its CPU limit."""
+``threads = KSERVE_POD_CPUS // maxWorkers``, the same figure the default (``threads: 0``, the
+usable cores under the pod's cgroup CPU limit / maxWorkers, ``common.usable_cpus``) reaches in
+such a pod, written out so that the archive says what it was tuned with."""
 
 SERVICE_ENVELOPES: Mapping[str, str] = MappingProxyType({"v1": "kserve", "v2": "kservev2"})
 """TorchServe's ``service_envelope`` per KServe protocol version (``protocolVersion``)."""
