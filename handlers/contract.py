@@ -27,7 +27,7 @@ oneDNN Graph fusion (the default), ``optimize_for_inference``'s MKLDNN graph, or
 BATCH_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
 """With ``optimize: onednn``, the batch sizes a model is called at (batches are padded up to one,
 larger ones are cut into chunks of 64): each is one compiled graph, all compiled at start-up.
-64 is the explanations' chunk (``handlers/explain.py`` MAX_CHUNK)."""
+The largest is also the explanations' chunk (``handlers/explain.py`` MAX_CHUNK)."""
 
 MAX_IMAGE_PIXELS = 40_000_000
 """Largest image a request may send (413 above): a 7300x5500 photo, more than any phone sends."""
