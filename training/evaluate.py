@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from handlers.contract import DETECTION_MODES
+from handlers.contract import DETECTION_MODES, VIDEO_DEFAULTS
 from model_defs import SHIPPED_WEIGHTS, load_model
 
 from .datasets import detected_face_crop, image_dataset
@@ -46,8 +46,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--pooling", help="--task video: comma-separated poolings to compare on the same frames "
                    "(mean = the per-frame baseline, confidence, window, peak; model = a clip model's own); "
                    "default: the checkpoint's")
-    p.add_argument("--video-detection", choices=DETECTION_MODES, default="auto",
-                   help="--task video: face detection as the handler does it (default auto)")
+    p.add_argument("--video-detection", choices=DETECTION_MODES, default=VIDEO_DEFAULTS["detection"],
+                   help="--task video: face detection as the handler does it (default: the served one, %(default)s)")
     p.add_argument("--keyframe-every", type=int, default=0,
                    help="--task video: detect on every k-th sampled frame (1 = every frame; 0 = the served default)")
     p.add_argument("--labels-from-names", action="store_true",
