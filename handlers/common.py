@@ -262,7 +262,7 @@ def usable_cpus(cgroup_root: str | os.PathLike = "/sys/fs/cgroup") -> int:
     except (AttributeError, OSError):  # not on Linux
         cpus = os.cpu_count() or 1
     limit = cgroup_cpu_limit(cgroup_root)
-    return max(1, min(cpus, math.ceil(limit))) if limit else max(1, cpus)
+    return max(1, min(cpus, math.ceil(limit)) if limit else cpus)
 
 
 def select_device(context: Any, options: Mapping[str, Any]) -> torch.device:
