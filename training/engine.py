@@ -21,6 +21,7 @@ from handlers.preprocess import LUMA_WEIGHTS, normalize
 from model_defs import atomic_save, checkpoint_dict, inference_model, load_checkpoint, save_weights, unwrap
 
 from .augment import AugmentConfig, train_batch
+from .ema import WeightAverage
 from .losses import locality_preserving_loss, soft_cross_entropy, target_distribution
 from .metrics import classification_metrics, confusion_figure
 
@@ -48,6 +49,7 @@ class FitConfig:
     channels_last: bool = True  # NHWC memory format for 4-D image batches (1.6-1.8x faster CPU training, bench/bench_train.py)
     head_lr_scale: float = 1.0  # learning rate of the classifier (``fc``) relative to the body
     grad_clip: float = 0.0
+    ema_epochs: float = 0.0  # time constant of a moving average of the weights, in epochs; 0 = off (training/ema.py)
     output_dir: str = "runs/image"
     best_name: str = "best.pth"
     resume: bool = False
@@ -151,7 +153,7 @@ def lp_embedding(model: nn.Module) -> nn.Module:
 
 def train_one_epoch(model: nn.Module, loader: Iterable, opt: torch.optim.Optimizer, sched, cfg: FitConfig,
                     device: torch.device, scaler: torch.amp.GradScaler, weights: torch.Tensor | None,
-                    epoch: int, show: bool) -> dict[str, float]:
+                    epoch: int, show: bool, ema: WeightAverage | None = None) -> dict[str, float]:
     """One pass over ``loader``; returns the mean loss and the learning rate at the end."""
     model.train()
     for m in model.modules():  # frozen layers keep their statistics too
@@ -187,6 +189,8 @@ def train_one_epoch(model: nn.Module, loader: Iterable, opt: torch.optim.Optimiz
         scaler.step(opt)
         scaler.update()
         sched.step()
+        if ema is not None:
+            ema.step(model)
         total, count = total + loss.item() * len(y), count + len(y)
         bar.set_postfix(loss=f"{total / count:.4f}", refresh=False)
     if hook is not None:
@@ -211,7 +215,9 @@ def fit(model: nn.Module, train_loader, val_loader, cfg: FitConfig, device: torc
         class_counts: list[int] | None = None, extra_meta: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train, evaluating after every epoch; keep the best epoch's weights; checkpoint every epoch.
 
-    ``model`` may be DDP-wrapped. Returns the best epoch's metrics with ``best_epoch``.
+    ``model`` may be DDP-wrapped. With ``cfg.ema_epochs`` the moving average of the weights is
+    evaluated too, and the better of the two is the epoch's candidate for ``best``. Returns the best
+    epoch's metrics with ``best_epoch`` (and ``best_source``: ``model`` or ``ema``).
     """
     device = torch.device(device)
     if cfg.channels_last and all(p.dim() != 5 for p in model.parameters()):  # not for 3-D convolutions
@@ -221,6 +227,7 @@ def fit(model: nn.Module, train_loader, val_loader, cfg: FitConfig, device: torc
     opt = build_optimizer(model, cfg)
     sched = build_scheduler(opt, cfg, len(train_loader))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda")
+    ema = WeightAverage(model, cfg.ema_epochs, len(train_loader)) if cfg.ema_epochs > 0 else None
     weights = class_weights(class_counts or [], cfg.class_balance)
     weights = weights.to(device) if weights is not None else None
     start, best, history = 1, {"acc": -1.0, "best_epoch": 0}, []
@@ -230,41 +237,58 @@ def fit(model: nn.Module, train_loader, val_loader, cfg: FitConfig, device: torc
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
+        if ema is not None and "ema" in state:
+            ema.load_state_dict(state["ema"])
         start, best, history = state["epoch"] + 1, state["best"], state["history"]
         log.info("resumed from %s at epoch %d (best acc %.4f at epoch %d)", ckpt_path, start,
                  best["acc"], best["best_epoch"])
     writer = _writer(out) if is_main() else None
     if cfg.eval_initial and start == 1 and is_main():
         ev = evaluate_model(model, val_loader, device, cfg.tta_flip)
-        best = {k: ev[k] for k in ("acc", "acc_top3", "n", "per_class", "confusion")}
-        best["best_epoch"] = 0
-        save_weights(model, out / cfg.best_name, metrics=best, **(extra_meta or {}))
+        best = _keep_best(model, ev, 0, "model", out / cfg.best_name, extra_meta)
         history.append({"epoch": 0, "acc": ev["acc"], "acc_top3": ev["acc_top3"], "val_loss": ev["loss"]})
         log.info("epoch 0 (initial weights): val acc %.4f top3 %.4f", ev["acc"], ev["acc_top3"])
     for epoch in range(start, cfg.epochs + 1):
         if hasattr(getattr(train_loader, "sampler", None), "set_epoch"):
             train_loader.sampler.set_epoch(epoch)
         t0 = time.time()
-        tr = train_one_epoch(model, train_loader, opt, sched, cfg, device, scaler, weights, epoch, is_main())
+        tr = train_one_epoch(model, train_loader, opt, sched, cfg, device, scaler, weights, epoch, is_main(), ema)
         ev = evaluate_model(model, val_loader, device, cfg.tta_flip)
         row = {"epoch": epoch, "train_loss": tr["loss"], "lr": tr["lr"], "val_loss": ev["loss"],
-               "acc": ev["acc"], "acc_top3": ev["acc_top3"], "seconds": time.time() - t0}
+               "acc": ev["acc"], "acc_top3": ev["acc_top3"]}
+        candidates = [("model", model, ev)]
+        if ema is not None:
+            ev_ema = evaluate_model(ema.model, val_loader, device, cfg.tta_flip)
+            row.update(ema_acc=ev_ema["acc"], ema_acc_top3=ev_ema["acc_top3"], ema_val_loss=ev_ema["loss"])
+            candidates.append(("ema", ema.model, ev_ema))
+        row["seconds"] = time.time() - t0
         history.append(row)
         if is_main():
-            if ev["acc"] > best["acc"]:
-                best = {k: ev[k] for k in ("acc", "acc_top3", "n", "per_class", "confusion")}
-                best["best_epoch"] = epoch
-                save_weights(model, out / cfg.best_name, metrics=best, **(extra_meta or {}))
+            source, winner, ev_best = max(candidates, key=lambda c: c[2]["acc"])
+            if ev_best["acc"] > best["acc"]:
+                best = _keep_best(winner, ev_best, epoch, source, out / cfg.best_name, extra_meta)
             atomic_save(checkpoint_dict(model, optimizer=opt.state_dict(), scheduler=sched.state_dict(),
                                         scaler=scaler.state_dict(), epoch=epoch, best=best, history=history,
-                                        config=_plain(asdict(cfg))), ckpt_path)
+                                        config=_plain(asdict(cfg)),
+                                        **({"ema": ema.state_dict()} if ema is not None else {})), ckpt_path)
             _log_epoch(writer, row, ev)
-            log.info("epoch %d/%d loss %.4f val acc %.4f top3 %.4f (best %.4f @%d) %.0fs", epoch, cfg.epochs,
-                     tr["loss"], ev["acc"], ev["acc_top3"], best["acc"], best["best_epoch"], row["seconds"])
+            log.info("epoch %d/%d loss %.4f val acc %.4f top3 %.4f%s (best %.4f @%d) %.0fs", epoch, cfg.epochs,
+                     tr["loss"], ev["acc"], ev["acc_top3"],
+                     f" ema {row['ema_acc']:.4f} top3 {row['ema_acc_top3']:.4f}" if ema is not None else "",
+                     best["acc"], best["best_epoch"], row["seconds"])
     if writer:
         writer.close()
     return {"acc": best["acc"], "acc_top3": best.get("acc_top3"), "best_epoch": best["best_epoch"],
-            "per_class": best.get("per_class"), "history": history}
+            "best_source": best.get("source", "model"), "per_class": best.get("per_class"), "history": history}
+
+
+def _keep_best(model: nn.Module, ev: dict[str, Any], epoch: int, source: str, path: Path,
+               extra_meta: dict[str, Any] | None) -> dict[str, Any]:
+    """Save ``model`` as the run's best weights; returns the ``best`` record kept in checkpoints."""
+    best = {k: ev[k] for k in ("acc", "acc_top3", "n", "per_class", "confusion")}
+    best.update(best_epoch=epoch, source=source)
+    save_weights(model, path, metrics=best, **(extra_meta or {}))
+    return best
 
 
 def _plain(d: Any) -> Any:
@@ -284,8 +308,9 @@ def _log_epoch(writer, row: dict[str, Any], ev: dict[str, Any]) -> None:
     if writer is None:
         return
     e = row["epoch"]
-    for k in ("train_loss", "val_loss", "acc", "acc_top3", "lr"):
-        writer.add_scalar(k.replace("_", "/", 1) if k.endswith("loss") else k, row[k], e)
+    for k in ("train_loss", "val_loss", "acc", "acc_top3", "lr", "ema_acc", "ema_acc_top3"):
+        if k in row:
+            writer.add_scalar(k.replace("_", "/", 1) if k.endswith("loss") else k, row[k], e)
     writer.add_figure("confusion_matrix", confusion_figure(ev["confusion"], ev["labels"]), e)
     writer.flush()
 

@@ -70,6 +70,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (0 = off)")
     p.add_argument("--erase", type=float, default=0.25, help="random-erasing probability")
     p.add_argument("--rotate", type=float, default=15.0, help="max rotation in degrees")
+    p.add_argument("--ema-epochs", type=float, default=0.0,
+                   help="also evaluate a moving average of the weights with this time constant in epochs; "
+                        "the better of it and the trained weights is kept as best (0 = off)")
     p.add_argument("--tta-flip", action="store_true", help="evaluate with mirror averaging")
     p.add_argument("--no-amp", dest="amp", action="store_false", help="disable mixed precision on CUDA")
     p.add_argument("--cpu-bf16", action="store_true",
@@ -199,7 +202,7 @@ def main(args: argparse.Namespace) -> dict:
                     optimizer=args.opt, scheduler=args.sched, warmup_epochs=args.warmup_epochs,
                     label_smoothing=args.label_smoothing, class_balance=args.class_balance,
                     lp_loss=args.lp_loss, lp_k=args.lp_k, tta_flip=args.tta_flip, amp=args.amp,
-                    cpu_bf16=args.cpu_bf16, channels_last=args.channels_last, head_lr_scale=args.head_lr_scale,
+                    cpu_bf16=args.cpu_bf16, channels_last=args.channels_last, head_lr_scale=args.head_lr_scale, ema_epochs=args.ema_epochs,
                     output_dir=args.output_dir or f"runs/{args.task}", resume=args.resume,
                     eval_initial=args.eval_initial, augment=aug)
     log.info("training %s on %d images (%s), validating on %d, %s x%d", name, len(train_ds),
@@ -207,7 +210,7 @@ def main(args: argparse.Namespace) -> dict:
     result = fit(model, train_loader, val_loader, cfg, device, counts,
                  extra_meta={"train_args": {k: v for k, v in vars(args).items() if v is not None}})
     if is_main():
-        best = {k: result[k] for k in ("acc", "acc_top3", "best_epoch", "per_class")}
+        best = {k: result[k] for k in ("acc", "acc_top3", "best_epoch", "best_source", "per_class")}
         print(json.dumps(best))
         log.info("best weights: %s", Path(cfg.output_dir) / cfg.best_name)
     return result
