@@ -202,7 +202,8 @@ def main(args: argparse.Namespace) -> dict:
                     optimizer=args.opt, scheduler=args.sched, warmup_epochs=args.warmup_epochs,
                     label_smoothing=args.label_smoothing, class_balance=args.class_balance,
                     lp_loss=args.lp_loss, lp_k=args.lp_k, tta_flip=args.tta_flip, amp=args.amp,
-                    cpu_bf16=args.cpu_bf16, channels_last=args.channels_last, head_lr_scale=args.head_lr_scale, ema_epochs=args.ema_epochs,
+                    cpu_bf16=args.cpu_bf16, channels_last=args.channels_last, head_lr_scale=args.head_lr_scale,
+                    ema_epochs=args.ema_epochs,
                     output_dir=args.output_dir or f"runs/{args.task}", resume=args.resume,
                     eval_initial=args.eval_initial, augment=aug)
     log.info("training %s on %d images (%s), validating on %d, %s x%d", name, len(train_ds),
