@@ -6,19 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 from model_defs import create_model, load_checkpoint, load_model
-from training.datasets import ImageFolderDataset, cache_in_memory
+from tests.test_training import _loaders
 from training.ema import WeightAverage, ema_decay
 from training.engine import FitConfig, evaluate_model, fit
-
-FACES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "faces"
-
-
-def _loaders():
-    ds = cache_in_memory(ImageFolderDataset(FACES, create_model("emo_resnet_s").spec.to_dict()))
-    return DataLoader(ds, batch_size=7, shuffle=True, drop_last=True), DataLoader(ds, batch_size=14)
 
 
 def test_decay_has_the_time_constant_in_epochs():
@@ -38,9 +30,8 @@ def test_average_folds_in_every_nth_step_weights_and_buffers():
     for _ in range(3):
         ema.step(model)
     assert torch.equal(ema.model[0].weight, start)  # no update before the 4th step
-    ema.step(model)
-    # AveragedModel copies on its first update, then lerps by (1 - decay)
-    ema.step(model); ema.step(model); ema.step(model)
+    for _ in range(4):  # AveragedModel copies on its first update (step 4), then lerps by (1 - decay)
+        ema.step(model)
     with torch.no_grad():
         model[0].weight.add_(2.0)
     ema.step(model)

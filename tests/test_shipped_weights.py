@@ -4,7 +4,8 @@ tests/fixtures/faces_regression holds 6 random FER2013 validation faces per clas
 shipped model (emo_mobilenet_v2 stage 5, 2026-12-02) scores 28/42 (0.67, top-3 41/42) there;
 the stage-4 weights before it 31/42 (top-3 40/42), the run-1 weights 29/42 (40/42), and the
 `emo_resnet_s` weights before those 23/42 (35/42); chance is 6/42. At n = 42 one face is 2.4
-points: these differences are noise beside FER2013 val's 3,575 faces (0.674, 0.6615, 0.648). The thresholds leave a margin for numeric noise, not for a worse model.
+points: these differences are noise beside FER2013 val's 3,575 faces (0.674, 0.6615, 0.648).
+The thresholds leave a margin for numeric noise, not for a worse model.
 """
 from __future__ import annotations
 

@@ -85,9 +85,10 @@ def test_a_clip_model_is_scored_by_its_own_pooling(labelled, tmp_path):
 @pytest.mark.skipif(not (LABELLED / "labels.csv").is_file(), reason=f"{LABELLED} not found (../shared/data is not here)")
 def test_shipped_video_model_on_the_labelled_clips():
     """The shipped defaults on the 12 real clips: no worse than when they shipped (7/12, again
-    with the stage-4 and stage-5 image weights of 2026-12-02; issue 13's target of 9/12 is not reached yet,
-    see pretrain/MODEL_CARD.md), at least 5 classes predicted, no worse than the per-frame mean of the same frames, and keyframe tracking no
-    worse than detection on every sampled frame."""
+    with the stage-4 and stage-5 image weights of 2026-12-02; issue 13's target of 9/12 is not
+    reached yet, see pretrain/MODEL_CARD.md), at least 5 classes predicted, no worse than the
+    per-frame mean of the same frames, and keyframe tracking no worse than detection on every
+    sampled frame."""
     pooling = pooling_from_spec(load_checkpoint(SHIPPED_WEIGHTS["video"])["spec"])[0]
     common = ["--task", "video", "--data", str(LABELLED), "--device", "cpu"]
     served = evaluate_main(get_args_parser().parse_args(common + ["--pooling", f"{pooling},mean"]))

@@ -23,9 +23,8 @@ class WeightAverage:
 
     def __init__(self, model: nn.Module, epochs: float, steps_per_epoch: int, every: int = 8):
         self.every, self.steps = every, 0
-        self.decay = ema_decay(epochs, steps_per_epoch, every)
-        self.average = AveragedModel(unwrap(model), multi_avg_fn=get_ema_multi_avg_fn(self.decay),
-                                     use_buffers=True)
+        decay = ema_decay(epochs, steps_per_epoch, every)
+        self.average = AveragedModel(unwrap(model), multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
     def step(self, model: nn.Module) -> None:
         """Called after every optimizer step; folds the weights in every ``every`` steps."""
