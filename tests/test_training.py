@@ -266,6 +266,60 @@ def test_calibrate_stores_a_temperature_that_export_and_evaluation_apply(tmp_pat
     assert not torch.allclose(model(x).softmax(-1), want, atol=1e-3)
 
 
+def test_class_bias_undoes_a_shift_of_the_class_priors():
+    """A model trained toward other class priors (its logits offset per class) is recalibrated
+    by bias-corrected temperature scaling: the fitted offset cancels the shift, the top-1 answer
+    recovers, and the held-out (2-fold) figures say so too; without --class-bias the offset is 0."""
+    from training.calibrate import crossval, fit_calibration
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(6000, 7, generator=g) * 2.0
+    labels = torch.multinomial(z.softmax(-1), 1, generator=g).squeeze(1)  # z is calibrated by construction
+    shift = torch.tensor([-0.6, 0.3, -0.8, 0.5, 0.9, -0.4, 0.1])
+    shifted = (z + shift) * 1.5  # other priors, and too sure of itself
+    t, bias = fit_calibration(shifted, labels, class_bias=True)
+    assert t == pytest.approx(1.5, rel=0.1)
+    assert torch.allclose(bias, -(shift - shift.mean()), atol=0.15)
+    acc = lambda lg: float((lg.argmax(-1) == labels).float().mean())  # noqa: E731
+    assert acc(shifted / t + bias) > acc(shifted) + 0.02
+    held_out = crossval(shifted, labels, class_bias=True)
+    assert held_out["acc"] > acc(shifted) + 0.02 and held_out["acc"] <= acc(z) + 0.02
+    t_only, no_bias = fit_calibration(shifted, labels)
+    assert not no_bias.any() and crossval(shifted, labels)["acc"] == pytest.approx(acc(shifted))
+
+
+def test_calibrate_class_bias_is_stored_and_served(tmp_path: Path):
+    from export.torchscript import export_torchscript, load_scripted
+    from training.calibrate import get_args_parser, main as calibrate
+    from training.engine import predict_logits
+
+    torch.manual_seed(0)
+    model = create_model("emo_resnet_s")
+    with torch.no_grad():  # a strong prior for one class: the offset must pull it back
+        model.fc.bias[LABELS.index("happy")] += 3.0
+    save_weights(model, tmp_path / "w.pth")
+    faces = Path(__file__).parent / "fixtures" / "faces"
+    out = calibrate(get_args_parser().parse_args(
+        ["--weights", str(tmp_path / "w.pth"), "--data", str(faces), "--out", str(tmp_path / "c.pth"),
+         "--class-bias", "-j", "0"]))
+    bias = torch.tensor(out["class_bias"])
+    assert int(bias.argmin()) == LABELS.index("happy") and bias.min() < -0.5 and abs(float(bias.sum())) < 1e-4
+    assert out["nll_after"] < out["nll_before"] and 0 <= out["acc_2fold"] <= 1
+    calibrated = load_model(tmp_path / "c.pth")
+    assert calibrated.spec.extra["class_bias"] == pytest.approx(out["class_bias"])
+    scripted, _ = load_scripted(export_torchscript(calibrated, calibrated.spec.to_dict(), tmp_path / "m.pt"))
+    x = torch.randn(5, 1, 48, 48)
+    with torch.inference_mode():
+        want = (model.eval()(x) / out["temperature"] + bias).softmax(-1)
+        served, evaluated = scripted(x).softmax(-1), predict_logits(calibrated, x).softmax(-1)
+    assert torch.allclose(served, want, atol=1e-5) and torch.allclose(evaluated, want, atol=1e-5)
+    recalibrate = lambda w, out: calibrate(get_args_parser().parse_args(  # noqa: E731
+        ["--weights", str(w), "--data", str(faces), "--out", str(out), "-j", "0"]))
+    plain, again = recalibrate(tmp_path / "w.pth", tmp_path / "p.pth"), recalibrate(tmp_path / "c.pth", tmp_path / "d.pth")
+    assert again["temperature"] == pytest.approx(plain["temperature"], rel=1e-4)  # from the raw logits again
+    assert "class_bias" not in load_model(tmp_path / "d.pth").spec.extra
+
+
 def test_degradations_match_their_settings():
     from training.augment import AugmentConfig, degrade, jpeg_round_trip
 

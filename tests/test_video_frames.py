@@ -54,12 +54,14 @@ def handler(model_dir) -> EmotionVideoHandler:
 
 def test_video_spec_comes_from_the_image_checkpoint(tmp_path):
     """Arch, input size, mean/std and calibration extras are the image checkpoint's, never hard-coded."""
-    img = image_checkpoint(tmp_path / "img.pth", "emo_mobilenet_v2", temperature=1.7)
+    bias = [0.2, -0.1, 0.6, -0.2, -0.6, 0.2, -0.1]
+    img = image_checkpoint(tmp_path / "img.pth", "emo_mobilenet_v2", temperature=1.7, class_bias=bias)
     out = build(img, tmp_path / "video.pth", pooling="peak", pooling_params={"window": 0.3}, sample_fps=5)
     ck, ick = load_checkpoint(out), load_checkpoint(img)
     spec, ispec = ModelSpec.from_dict(ck["spec"]), ModelSpec.from_dict(ick["spec"])
     assert (spec.task, spec.arch) == ("video", "emo_video_frames")
     assert spec.extra["frame_arch"] == "emo_mobilenet_v2" and spec.extra["temperature"] == 1.7
+    assert spec.extra["class_bias"] == bias
     assert (spec.input_size, spec.channels, spec.mean, spec.std) == (ispec.input_size, ispec.channels, ispec.mean, ispec.std)
     assert spec.extra["pooling"] == "peak" and spec.extra["pooling_params"]["window"] == 0.3
     assert spec.extra["sample_fps"] == 5 and spec.extra["input_shape"] == [1, ispec.input_size, ispec.input_size]
