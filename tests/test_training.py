@@ -284,7 +284,7 @@ def test_class_bias_undoes_a_shift_of_the_class_priors():
     assert acc(shifted / t + bias) > acc(shifted) + 0.02
     held_out = crossval(shifted, labels, class_bias=True)
     assert held_out["acc"] > acc(shifted) + 0.02 and held_out["acc"] <= acc(z) + 0.02
-    t_only, no_bias = fit_calibration(shifted, labels)
+    _, no_bias = fit_calibration(shifted, labels)
     assert not no_bias.any() and crossval(shifted, labels)["acc"] == pytest.approx(acc(shifted))
 
 

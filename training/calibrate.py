@@ -27,8 +27,7 @@ from model_defs import load_checkpoint, load_model, metadata, save_weights
 
 from .datasets import image_dataset
 from .engine import prepare_batch, predict_logits
-from .metrics import (ECE_BINS, calibration_bins, classification_metrics, expected_calibration_error,
-                      reliability_figure)
+from .metrics import ECE_BINS, calibration_bins, classification_metrics, reliability_figure
 
 log = logging.getLogger("training.calibrate")
 
@@ -94,13 +93,13 @@ def crossval(logits: torch.Tensor, labels: torch.Tensor, class_bias: bool = Fals
     """ECE, top-1 and top-3 of a calibration fitted on the other folds: honest estimates on unseen data."""
     perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     parts, sums = perm.chunk(folds), {"ece": 0.0, "acc": 0.0, "acc_top3": 0.0}
+    classes = [str(k) for k in range(logits.shape[1])]
     for i, held in enumerate(parts):
         fit_idx = torch.cat([p for j, p in enumerate(parts) if j != i])
         t, bias = fit_calibration(logits[fit_idx], labels[fit_idx], class_bias)
-        probs, y = (logits[held] / t + bias).softmax(-1), labels[held]
-        sums["ece"] += expected_calibration_error(probs, y) * len(held)
-        sums["acc"] += float((probs.argmax(-1) == y).sum())
-        sums["acc_top3"] += float((probs.topk(3, -1).indices == y[:, None]).any(-1).sum())
+        scores = classification_metrics((logits[held] / t + bias).softmax(-1), labels[held], classes)
+        for k in sums:
+            sums[k] += scores[k] * len(held)
     return {k: v / len(labels) for k, v in sums.items()}
 
 
@@ -116,13 +115,14 @@ def main(args: argparse.Namespace) -> dict:
     loader = DataLoader(image_dataset(args.data, model.spec.to_dict()), batch_size=256, num_workers=args.workers)
     flips = {"off": (False,), "on": (True,), "auto": (False, True)}[args.tta_flip]
     scored = {flip: collect_logits(model, loader, flip) for flip in flips}
-    acc_by_flip = {f: crossval(lg, lb, args.class_bias)["acc"] for f, (lg, lb) in scored.items()}  # held-out top-1
+    held_out_by_flip = {f: crossval(lg, lb, args.class_bias) for f, (lg, lb) in scored.items()}
+    acc_by_flip = {f: h["acc"] for f, h in held_out_by_flip.items()}  # chosen on the held-out top-1
     flip = max(flips, key=acc_by_flip.__getitem__)
     logits, labels = scored[flip]
+    held_out = held_out_by_flip[flip]
     t, bias = fit_calibration(logits, labels, args.class_bias)
     names = list(model.spec.labels)
     before, after = _summary(logits, labels, names), _summary(logits / t + bias, labels, names)
-    held_out = crossval(logits, labels, args.class_bias)
     report = {"data": str(args.data), "tta_flip": flip, "temperature": t, "class_bias": bias.tolist(),
               "ece_bins": ECE_BINS, "ece_before": before["ece"], "ece_after": after["ece"],
               "ece_after_2fold": held_out["ece"], "nll_before": before["nll"], "nll_after": after["nll"],
