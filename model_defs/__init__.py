@@ -7,6 +7,7 @@ from .registry import create_model, default_spec, list_models, register_model
 from .spec import LABELS, ModelSpec
 from . import image_nets  # noqa: F401  (registers the image networks)
 from . import face_nets  # noqa: F401  (registers the face-pretrained image network)
+from . import efficientnet_lite  # noqa: F401  (registers EfficientNet-Lite2)
 from . import video_nets  # noqa: F401  (registers the video networks)
 
 __all__ = [
