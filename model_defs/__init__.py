@@ -2,7 +2,7 @@
 from .checkpoint import (CheckpointError, atomic_save, checkpoint_dict, is_checkpoint, load_checkpoint, load_file,
                          load_model, metadata, save_weights, unwrap)
 from .defaults import DEFAULT_MODEL, SHIPPED_WEIGHTS
-from .inference import FlipAverage, TemperatureScaled, inference_model
+from .inference import ViewAverage, TemperatureScaled, inference_model
 from .registry import create_model, default_spec, list_models, register_model
 from .spec import LABELS, ModelSpec
 from . import image_nets  # noqa: F401  (registers the image networks)
@@ -13,7 +13,7 @@ from . import video_nets  # noqa: F401  (registers the video networks)
 __all__ = [
     "DEFAULT_MODEL", "SHIPPED_WEIGHTS", "LABELS", "ModelSpec",
     "create_model", "default_spec", "list_models", "register_model",
-    "FlipAverage", "TemperatureScaled", "inference_model",
+    "ViewAverage", "TemperatureScaled", "inference_model",
     "load_model", "load_checkpoint", "load_file", "is_checkpoint", "save_weights", "atomic_save",
     "checkpoint_dict", "metadata", "unwrap", "CheckpointError",
 ]

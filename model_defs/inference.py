@@ -1,27 +1,66 @@
 """What evaluation, the SDK and the exported TorchScript all score: a network wrapped as its spec
-says (``extra["tta_flip"]``: mirror averaging; ``extra["temperature"]`` and ``extra["class_bias"]``:
-calibrated logits)."""
+says (``extra["tta_scales"]`` and ``extra["tta_flip"]``: averaging over zoomed and mirrored views;
+``extra["temperature"]`` and ``extra["class_bias"]``: calibrated logits)."""
 from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
-class FlipAverage(nn.Module):
-    """Test-time mirror averaging: the wrapped network's probabilities for the input and its
-    horizontal mirror, averaged, returned as log-probabilities (so a softmax of the output gives
-    the averaged probabilities). One forward pass over both halves."""
+def zoom(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """The centre of each image in ``x`` (``(..., S, S)``) seen ``scale`` times larger, at the same
+    size: above 1 a bilinear enlargement cropped to the centre, below 1 an antialiased reduction
+    with its border filled by the nearest pixels."""
+    size = x.shape[-1]
+    n = int(size * scale + 0.5)
+    if n == size:
+        return x
+    flat = x.reshape(-1, 1, x.shape[-2], size)
+    y = F.interpolate(flat, size=[n, n], mode="bilinear", align_corners=False, antialias=n < size)
+    if n > size:
+        o = (n - size) // 2
+        y = y[:, :, o:o + size, o:o + size]
+    else:
+        p = (size - n) // 2
+        y = F.pad(y, [p, size - n - p, p, size - n - p], mode="replicate")
+    return y.reshape(x.shape)
 
-    def __init__(self, model: nn.Module) -> None:
+
+def zoom_matrix(size: int, scale: float) -> torch.Tensor:
+    """``A`` (``size`` x ``size``) with ``zoom(x, scale) == A @ x @ A.T`` for every ``size`` x ``size``
+    image: the zoom is separable, and each of its rows' weights sums to 1, so zooming the image
+    whose row ``j`` is all ones gives column ``j`` of ``A`` in every column."""
+    rows = torch.eye(size, dtype=torch.float64)[:, :, None].expand(size, size, size)
+    return zoom(rows[:, None].float(), scale)[:, 0, :, 0].T.contiguous()
+
+
+class ViewAverage(nn.Module):
+    """Test-time averaging over views of each input: the wrapped network's probabilities for the
+    ``size`` x ``size`` input seen at each of ``scales`` (:func:`zoom`) and, with ``flip``, their
+    horizontal mirrors, averaged and returned as log-probabilities (so a softmax of the output
+    gives the averaged probabilities). Every view is a fixed linear map ``L @ x @ R`` of the input,
+    made in two batched matrix products, then one forward pass takes all the views."""
+
+    def __init__(self, model: nn.Module, size: int, scales: Sequence[float] = (1.0,), flip: bool = False) -> None:
         super().__init__()
+        if not scales or any(not s > 0 for s in scales):
+            raise ValueError(f"test-time scales must be positive, got {list(scales)}")
         self.model = model
+        left = torch.stack([zoom_matrix(size, s) for s in scales])
+        right = left.transpose(1, 2)
+        if flip:
+            left, right = torch.cat([left, left]), torch.cat([right, right.flip(-1)])
+        self.register_buffer("left", left[:, None])  # (V, 1, S, S)
+        self.register_buffer("right", right[:, None])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = x.shape[0]
-        probs = self.model(torch.cat([x, x.flip(-1)], dim=0)).float().softmax(-1)
-        return ((probs[:n] + probs[n:]) / 2).clamp_min(1e-12).log()
+        n, size = x.shape[0], x.shape[-1]
+        views = torch.matmul(torch.matmul(self.left, x.reshape(1, -1, size, size)), self.right)
+        probs = self.model(views.reshape([-1] + list(x.shape[1:]))).float().softmax(-1)
+        return probs.view(self.left.shape[0], n, -1).mean(0).clamp_min(1e-12).log()
 
 
 class TemperatureScaled(nn.Module):
@@ -50,14 +89,16 @@ class TemperatureScaled(nn.Module):
 
 def inference_model(model: nn.Module, tta_flip: bool | None = None,
                     extra: Mapping[str, Any] | None = None) -> nn.Module:
-    """``model`` wrapped as its spec's ``extra`` says (or ``extra``, when given): mirror
-    averaging, then temperature and class bias; ``tta_flip`` overrides the flag. The bare model
-    when none is asked for."""
+    """``model`` wrapped as its spec's ``extra`` says (or ``extra``, when given): averaging over
+    zoomed and mirrored views, then temperature and class bias; ``tta_flip`` overrides the mirror
+    flag. The bare model when none is asked for."""
     if extra is None:
         extra = getattr(getattr(model, "spec", None), "extra", None) or {}
     out = model
-    if extra.get("tta_flip") if tta_flip is None else tta_flip:
-        out = FlipAverage(out)
+    flip = bool(extra.get("tta_flip") if tta_flip is None else tta_flip)
+    scales = [float(s) for s in extra.get("tta_scales") or [1.0]]
+    if flip or scales != [1.0]:
+        out = ViewAverage(out, int(model.spec.input_size), scales, flip)
     temperature = float(extra.get("temperature", 1.0) or 1.0)
     class_bias = [float(b) for b in extra.get("class_bias") or []]
     if temperature != 1.0 or any(class_bias):

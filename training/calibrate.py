@@ -1,7 +1,8 @@
 """Calibrate an image model's probabilities on validation data: fit a temperature (and, with
-``--class-bias``, a per-class offset; and choose test-time mirror averaging), measure expected
+``--class-bias``, a per-class offset; choose test-time mirror averaging; with ``--tta-scales``,
+average over zoomed views), measure expected
 calibration error, and write the weights with ``spec.extra["temperature"]`` (and ``class_bias``,
-``tta_flip``), which evaluation, the SDK and the exported TorchScript all apply
+``tta_flip``, ``tta_scales``), which evaluation, the SDK and the exported TorchScript all apply
 (``model_defs.inference_model``).
 
     python -m training.calibrate --weights runs/fer/best.pth --data ../shared/data/fer2013/val \
@@ -41,6 +42,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--tta-flip", choices=("off", "on", "auto"), default="off",
                    help="mirror averaging at test time (spec extra.tta_flip; export compiles it in, "
                         "at twice the compute): off, on, or auto = keep it if it scores higher")
+    p.add_argument("--tta-scales", type=float, nargs="+", default=None, metavar="SCALE",
+                   help="average the answers over the face zoomed by each of these factors, e.g. 0.9 1.0 1.1 "
+                        "(spec extra.tta_scales; export compiles it in, at that many times the compute); "
+                        "default: keep the weights' own (none = 1.0)")
     p.add_argument("--class-bias", action="store_true",
                    help="also fit a per-class offset (bias-corrected temperature scaling): moves the class "
                         "priors of the training targets to those of --data's labels; can change the top-1 answer")
@@ -107,11 +112,23 @@ def _summary(logits: torch.Tensor, labels: torch.Tensor, names: list[str]) -> di
     return {**classification_metrics(logits.softmax(-1), labels, names), "nll": float(F.cross_entropy(logits, labels))}
 
 
+def _set_scales(model: nn.Module, scales: list[float] | None) -> None:
+    """Store the test-time zoom factors in the spec (none when only 1.0); ``None`` keeps the weights' own."""
+    if scales is None:
+        return
+    if any(not s > 0 for s in scales):
+        raise SystemExit(f"--tta-scales must be positive, got {scales}")
+    model.spec.extra.pop("tta_scales", None)
+    if [float(s) for s in scales] != [1.0]:
+        model.spec.extra["tta_scales"] = [float(s) for s in scales]
+
+
 def main(args: argparse.Namespace) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_model(args.weights)
+    _set_scales(model, args.tta_scales)
     loader = DataLoader(image_dataset(args.data, model.spec.to_dict()), batch_size=256, num_workers=args.workers)
     flips = {"off": (False,), "on": (True,), "auto": (False, True)}[args.tta_flip]
     scored = {flip: collect_logits(model, loader, flip) for flip in flips}
@@ -123,7 +140,8 @@ def main(args: argparse.Namespace) -> dict:
     t, bias = fit_calibration(logits, labels, args.class_bias)
     names = list(model.spec.labels)
     before, after = _summary(logits, labels, names), _summary(logits / t + bias, labels, names)
-    report = {"data": str(args.data), "tta_flip": flip, "temperature": t, "class_bias": bias.tolist(),
+    report = {"data": str(args.data), "tta_flip": flip,
+              "tta_scales": model.spec.extra.get("tta_scales", [1.0]), "temperature": t, "class_bias": bias.tolist(),
               "ece_bins": ECE_BINS, "ece_before": before["ece"], "ece_after": after["ece"],
               "ece_after_2fold": held_out["ece"], "nll_before": before["nll"], "nll_after": after["nll"],
               "acc_before": before["acc"], "acc": after["acc"], "acc_top3": after["acc_top3"],
