@@ -33,8 +33,8 @@ def zoom_matrix(size: int, scale: float) -> torch.Tensor:
     """``A`` (``size`` x ``size``) with ``zoom(x, scale) == A @ x @ A.T`` for every ``size`` x ``size``
     image: the zoom is separable, and each of its rows' weights sums to 1, so zooming the image
     whose row ``j`` is all ones gives column ``j`` of ``A`` in every column."""
-    rows = torch.eye(size, dtype=torch.float64)[:, :, None].expand(size, size, size)
-    return zoom(rows[:, None].float(), scale)[:, 0, :, 0].T.contiguous()
+    rows = torch.eye(size)[:, None, :, None].expand(size, 1, size, size)  # image j: row j all ones
+    return zoom(rows, scale)[:, 0, :, 0].T.contiguous()
 
 
 class ViewAverage(nn.Module):
