@@ -8,6 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 MODEL_STORE := model_store
 SERVE_TIMEOUT ?= 180
+DATA ?= ../shared/data
 
 .PHONY: install archives serve stop test grpc-stubs bench bench-quick clean
 
@@ -93,6 +94,13 @@ $(KSERVE_VENV)/.installed:
 	test -x $(KSERVE_VENV)/bin/python || $(PYTHON) -m venv $(KSERVE_VENV)
 	$(KSERVE_VENV)/bin/python -m pip install kserve==0.21.0 requests
 	touch $@
+
+# FER2013 and its FER+ votes as a lossless face pack in parts that each travel with the working
+# tree to the device tool's accelerator machine (tools/gpu_stage.py says how; ~3 minutes).
+.PHONY: gpu-pack
+gpu-pack: install
+	$(PY) -m training.facepack pack --root $(DATA)/fer2013 --include train val --files ferplus_votes.csv \
+		--out .gpu/pack --part-mib 28
 
 pretrain/%.pth:
 	@echo "ERROR: $@ is missing: train it (python -m training.run) or restore the shipped weights" >&2; exit 1

@@ -16,10 +16,12 @@ import math
 import os
 import random
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence, Union
 
-import av
 from PIL import Image
+
+if TYPE_CHECKING:
+    import av
 
 try:  # inside the repository (package import)
     from .contract import VIDEO_DEFAULTS
@@ -29,6 +31,13 @@ except ImportError:  # inside a .mar the shared modules sit flat beside the hand
     from preprocess import InputError  # type: ignore[no-redef]
 
 log = logging.getLogger(__name__)
+
+
+def _av():
+    """PyAV, imported on first use: what imports this module (the training engine) also runs
+    where only images are decoded and PyAV is not installed, such as an accelerator machine."""
+    import av
+    return av
 
 VideoSource = Union[bytes, bytearray, memoryview, str, os.PathLike]
 
@@ -110,8 +119,8 @@ def _open(source: VideoSource, limits: VideoLimits) -> av.container.InputContain
     if size > limits.max_bytes:
         raise InputError(f"video too large: {size} bytes (limit {limits.max_bytes} bytes)", 413)
     try:
-        return av.open(fileobj, options={"format_whitelist": ",".join(ALLOWED_FORMATS)})
-    except av.error.FFmpegError as e:
+        return _av().open(fileobj, options={"format_whitelist": ",".join(ALLOWED_FORMATS)})
+    except _av().error.FFmpegError as e:
         kind = _sniff(source if isinstance(source, (bytes, bytearray, memoryview)) else _head(fileobj))
         if kind:
             raise InputError(f"cannot decode video: corrupt or truncated {kind} data", 400) from e
@@ -166,7 +175,7 @@ def probe_video(source: VideoSource, limits: VideoLimits = VideoLimits()) -> Vid
                     raise InputError(f"video too long: more than {limits.max_frames} frames", 413)
                 if (pts[-1] - pts[0]) * tb > limits.max_duration_s:
                     raise InputError(f"video too long: more than {limits.max_duration_s:g} s", 413)
-        except av.error.FFmpegError as e:
+        except _av().error.FFmpegError as e:
             if not pts:
                 raise InputError(f"cannot decode video: corrupt data ({e})", 400) from e
             log.warning("video truncated after %d packets: %s", len(pts), e)
@@ -213,7 +222,7 @@ def decode_frames(source: VideoSource, indices: Iterable[int], limits: VideoLimi
                 last, n = frame, n + 1
                 if n > wanted[-1] or n >= limits.max_frames:
                     break
-        except av.error.FFmpegError as e:
+        except _av().error.FFmpegError as e:
             if n == 0:
                 raise InputError(f"cannot decode video: corrupt data ({e})", 400) from e
             log.warning("video decoding stopped after %d frames: %s", n, e)

@@ -92,12 +92,13 @@ def metadata(ckpt: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Build the network named in a checkpoint's spec and load its weights (eval mode)."""
+    """Build the network named in a checkpoint's spec and load its weights (eval mode, on
+    ``map_location``)."""
     ckpt = load_checkpoint(path, map_location)
     spec = ModelSpec.from_dict(ckpt["spec"])
     model = create_model(spec.arch, spec)
     model.load_state_dict(ckpt["state_dict"])
-    return model.eval()
+    return model.to(map_location).eval()
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -98,7 +98,9 @@ def inference_model(model: nn.Module, tta_flip: bool | None = None,
     flip = bool(extra.get("tta_flip") if tta_flip is None else tta_flip)
     scales = [float(s) for s in extra.get("tta_scales") or [1.0]]
     if flip or scales != [1.0]:
-        out = ViewAverage(out, int(model.spec.input_size), scales, flip)
+        weights = next(model.parameters(), None)  # the views are made where the network runs
+        out = ViewAverage(out, int(model.spec.input_size), scales, flip).to(
+            weights.device if weights is not None else "cpu")
     temperature = float(extra.get("temperature", 1.0) or 1.0)
     class_bias = [float(b) for b in extra.get("class_bias") or []]
     if temperature != 1.0 or any(class_bias):

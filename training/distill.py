@@ -53,6 +53,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (targets.csv, faces/)")
     p.add_argument("-b", "--batch-size", type=int, default=256)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where the teachers run (the face detector stays on the CPU)")
     return p
 
 
@@ -91,13 +93,15 @@ def unlabelled_images(args: argparse.Namespace) -> Iterator[tuple[str, str, list
 @torch.inference_mode()
 def teacher_probs(teachers: Sequence[torch.nn.Module], images: Sequence[Image.Image],
                   batch_size: int = 256) -> torch.Tensor:
-    """``(N, 7)`` mean over ``teachers`` of their served probabilities for ``images``."""
+    """``(N, 7)`` mean over ``teachers`` of their served probabilities for ``images`` (each
+    teacher runs where its weights are)."""
     total = torch.zeros(len(images), len(LABELS))
     for model in teachers:
-        spec = model.spec.to_dict()
+        spec, device = model.spec.to_dict(), next(model.parameters()).device
         for s in range(0, len(images), batch_size):
-            x = torch.stack([to_uint8(img, spec) for img in images[s:s + batch_size]])
-            total[s:s + len(x)] += predict_logits(model, prepare_batch(x, spec), tta_flip=True).float().softmax(-1)
+            x = torch.stack([to_uint8(img, spec) for img in images[s:s + batch_size]]).to(device)
+            logits = predict_logits(model, prepare_batch(x, spec), tta_flip=True)
+            total[s:s + len(x)] += logits.float().softmax(-1).cpu()
     return total / max(len(teachers), 1)
 
 
@@ -177,7 +181,7 @@ def main(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    teachers = [load_model(t) for t in args.teachers]
+    teachers = [load_model(t, map_location=args.device) for t in args.teachers]
     size, margin, channels = _crop_settings([t.spec.to_dict() for t in teachers])
     rows: list[tuple[str, str, torch.Tensor]] = []
     if args.train_dir:
