@@ -4,7 +4,7 @@ The working tree travels with at most 64 MiB in all, so FER2013 goes as a lossle
 two parts (``python -m training.facepack``, about 26 MiB each): the first call leaves part 1 on
 the machine, the second brings part 2 and trains. Everything here runs the project's own commands
 (``training.run`` under torchrun with mixed precision, ``training.distill``, ``training.calibrate``,
-``training.evaluate``); only the number of epochs is chosen here, from a one-epoch probe on 5,120
+``training.evaluate``); only the number of epochs is chosen here, from a one-epoch probe on 12,800
 faces, so that each phase fits its share of the time left.
 
 Here, once (CPU, 3 minutes): ``make gpu-pack``. Then with the device tool, back to back (the
@@ -41,7 +41,9 @@ log = logging.getLogger("gpu_stage")
 
 STASH = Path("/tmp/facepack")
 PACK = ROOT / ".gpu" / "pack"
-PROBE_FACES = 5120
+PROBE_FACES = 12800
+"""About half an epoch: the probe's evaluation of val, a fixed cost per epoch, is scaled up with its
+training time, so a short probe would overestimate an epoch and leave the budget unused."""
 VOTES = "ferplus_votes.csv"
 
 TEACHER = ["--model", "emo_faceres_mnv1", "--init", "pretrain/teacher_faceres.pth", "--opt", "sgd",
