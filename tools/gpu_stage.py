@@ -127,12 +127,11 @@ def probe_epoch_s(args: argparse.Namespace, recipe: list[str], data: Path, extra
 
 def scored(weights: Path, data: Path) -> dict:
     """Val against the folder labels and against the FER+ majority, as served."""
-    ev = evaluate.get_args_parser()
-    out = {"val": _figures(evaluate.main(ev.parse_args(["--data", str(data / "val"), "--weights", str(weights)])))}
+    labels = {"val": []}
     if (data / VOTES).exists():
-        out["val_ferplus"] = _figures(evaluate.main(ev.parse_args(
-            ["--data", str(data / "val"), "--weights", str(weights), "--ferplus", str(data / VOTES)])))
-    return out
+        labels["val_ferplus"] = ["--ferplus", str(data / VOTES)]
+    parser, common = evaluate.get_args_parser(), ["--data", str(data / "val"), "--weights", str(weights)]
+    return {name: _figures(evaluate.main(parser.parse_args(common + extra))) for name, extra in labels.items()}
 
 
 def _figures(res: dict) -> dict:
@@ -168,7 +167,10 @@ def main(args: argparse.Namespace) -> dict:
     logfile = out / "stage.log"
     summary: dict = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                      "torch": torch.__version__, "budget_s": args.budget_s}
-    left = lambda: args.budget_s - (time.time() - start)  # noqa: E731
+
+    def left() -> float:
+        return args.budget_s - (time.time() - start)
+
     try:
         data = Path(args.data) if args.data else unpack_data(Path(args.pack), Path(args.stash), work)
         summary["unpacked_s"] = round(time.time() - start)

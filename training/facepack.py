@@ -105,18 +105,13 @@ def split_evenly(n: int, parts: int) -> list[range]:
     return [range(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
-def packed_mib(faces: Sequence[Face]) -> float:
-    """The xz size of these faces' pixels, in MiB (what a part holding them weighs)."""
-    return len(lzma.compress(_payload(faces)[0], preset=9)) / MIB
-
-
 def pack(root: Path, include: Sequence[str], files: Sequence[Path], out: Path, part_mib: float) -> list[Path]:
     """Pack the images (and ``files``, which go in the first part) into as few parts of at most
-    ``part_mib`` MiB as measure to fit; returns the parts' paths."""
+    ``part_mib`` MiB as measure to fit: one part first, then as many as its size says, until
+    every part fits. Returns the parts' paths."""
     faces = read_faces(root, include)
-    extra_mib = sum(f.stat().st_size for f in files) / MIB
-    parts = max(1, int(np.ceil((packed_mib(faces) + extra_mib) / part_mib)))
     out.mkdir(parents=True, exist_ok=True)
+    parts = 1
     while True:
         for old in out.glob("part*.tar.xz"):
             old.unlink()
