@@ -26,6 +26,7 @@ import requests
 
 from export.__main__ import main as export_main
 from model_defs import CheckpointError, load_checkpoint
+from training.engine import HISTORY_JSON
 from tests import hostile_corpus as corpus
 from serving import running_server
 from tests.tsserver import image_weights
@@ -217,8 +218,9 @@ def watch_files(out: Path, stop: threading.Event, seen: dict[str, int], bad: lis
 
 
 def leftovers(out: Path) -> list[str]:
-    """Files besides the two checkpoints, TensorBoard logs and never-read ``.tmp`` temporaries."""
-    return sorted(p.name for p in out.iterdir() if p.is_file() and p.name not in ("checkpoint.pth", "best.pth")
+    """Files besides the two checkpoints, the run's history, TensorBoard logs and never-read ``.tmp`` temporaries."""
+    return sorted(p.name for p in out.iterdir() if p.is_file()
+                  and p.name not in ("checkpoint.pth", "best.pth", HISTORY_JSON)
                   and not p.name.startswith("events.out.tfevents") and not p.name.endswith(".tmp"))
 
 
@@ -262,6 +264,7 @@ def test_training_killed_mid_epoch_resumes_from_last_checkpoint(tmp_path):
     best_killed = load_checkpoint(out / "best.pth")
     assert best_killed["metrics"]["best_epoch"] == killed["best"]["best_epoch"]
     assert not leftovers(out), leftovers(out)
+    assert json.loads((out / HISTORY_JSON).read_text()) == killed["history"]  # whole, and as checkpointed
     print(f"\ntraining killed in epoch {done + 1} of {epochs}; checkpoint epoch {killed['epoch']}, "
           f"best acc {killed['best']['acc']:.3f} at epoch {killed['best']['best_epoch']}")
 

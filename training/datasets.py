@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from handlers.contract import DetectionMode
-from handlers.faces import FaceDetector, largest_face
+from handlers.contract import IMAGE_DEFAULTS, DetectionMode
+from handlers.faces import detector_for, largest_face
 from handlers.preprocess import decode_image, to_uint8
 
 from .labelled_files import class_counts, class_folders, read_labels_csv, read_list_file
@@ -27,10 +27,12 @@ FaceCropFn = Callable[[Image.Image], Image.Image]
 
 
 def detected_face_crop(spec: Mapping[str, Any], device: str = "cpu", mode: DetectionMode = "auto",
-                       min_face_size: int = 20) -> FaceCropFn:
+                       min_face_size: int = 20, detector_name: str = str(IMAGE_DEFAULTS["detector"])) -> FaceCropFn:
     """The handler's detect-and-align step as a PIL → PIL function: ``handlers.faces.largest_face``
-    with the spec's size, margin and channels (the whole image when no face is found)."""
-    detector = FaceDetector(device=device, min_face_size=min_face_size) if mode != "never" else None
+    with the spec's size, margin and channels (the whole image when no face is found), the faces
+    found by ``detector_name`` (the served default unless given)."""
+    options = {**IMAGE_DEFAULTS, "detector": detector_name, "min_face_size": min_face_size}
+    detector = detector_for(options, device) if mode != "never" else None
     args = (int(spec["input_size"]), spec.get("face_margin"), int(spec["channels"]))
     return lambda img: largest_face(img, detector, mode, *args).image
 
@@ -86,10 +88,11 @@ class ListFileDataset(_EncodedImages):
 
 
 def cache_in_memory(ds: Dataset, workers: int = 0) -> TensorDataset:
-    """Decode a whole dataset once into a uint8 tensor (FER2013 train is 66 MB)."""
+    """Decode a whole dataset once into a uint8 tensor (FER2013 train is 66 MB); every field of
+    its items (image, label or target, source index) is kept."""
     loader = torch.utils.data.DataLoader(ds, batch_size=512, num_workers=workers)
-    xs, ys = zip(*[(x, y) for x, y in loader])
-    return TensorDataset(torch.cat(xs), torch.cat(ys))
+    columns = zip(*loader)
+    return TensorDataset(*(torch.cat(c) for c in columns))
 
 
 class CsvImageDataset(_EncodedImages):

@@ -1,6 +1,7 @@
 """The one training/evaluation engine: used by ``training.run``, ``training.evaluate`` and the SDK."""
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -8,7 +9,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -24,6 +25,7 @@ from .augment import AugmentConfig, train_batch
 from .ema import WeightAverage
 from .losses import locality_preserving_loss, soft_cross_entropy, target_distribution
 from .metrics import classification_metrics, confusion_figure
+from .sources import best_score
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,8 @@ class FitConfig:
     best_name: str = "best.pth"
     resume: bool = False
     eval_initial: bool = False  # score the starting weights as "epoch 0" (fine-tuning must beat them)
+    best_rule: str = "mean"  # several validation sets: mean | min | a set's name (training/sources.py)
+    logit_adjust: list[list[float]] | None = None  # (sources, classes) offsets added to the logits in the loss
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -98,6 +102,27 @@ def evaluate_model(model: nn.Module, loader: Iterable, device: torch.device | st
                                  torch.cat(labels) if labels else torch.empty(0, dtype=torch.long), spec["labels"])
     out["loss"] = loss_sum / max(out["n"], 1)
     return out
+
+
+def evaluate_sources(model: nn.Module, loaders: Any, device: torch.device | str = "cpu",
+                     tta_flip: bool | None = None, rule: str = "mean") -> dict[str, Any]:
+    """:func:`evaluate_model` on one loader, or on a mapping ``name -> loader`` of validation sets:
+    then ``acc``/``acc_top3`` are ``rule`` over the sets (``training.sources.best_score``), ``sources``
+    holds each set's figures, and ``per_class``/``confusion`` are the first set's."""
+    if not isinstance(loaders, Mapping):
+        return evaluate_model(model, loaders, device, tta_flip)
+    evs = {name: evaluate_model(model, loader, device, tta_flip) for name, loader in loaders.items()}
+    first = next(iter(evs.values()))
+    out = {k: first[k] for k in ("per_class", "confusion", "labels")}
+    out.update(acc=best_score({k: e["acc"] for k, e in evs.items()}, rule),
+               acc_top3=best_score({k: e["acc_top3"] for k, e in evs.items()}, rule),
+               loss=sum(e["loss"] for e in evs.values()) / len(evs), n=sum(e["n"] for e in evs.values()),
+               sources={k: {f: e[f] for f in SOURCE_FIELDS} for k, e in evs.items()})
+    return out
+
+
+SOURCE_FIELDS = ("acc", "acc_top3", "loss", "n", "ece", "per_class")
+"""What is kept of each validation set's evaluation in the history and the best record."""
 
 
 # ---------------------------------------------------------------- optimisation
@@ -167,7 +192,8 @@ def train_one_epoch(model: nn.Module, loader: Iterable, opt: torch.optim.Optimiz
         hook = lp_embedding(model).register_forward_hook(lambda m, inp, out: captured.append(inp[0]))
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=not show, leave=False,
                mininterval=1 if sys.stderr.isatty() else 60)
-    for x, y in bar:
+    adjust = torch.tensor(cfg.logit_adjust, device=device) if cfg.logit_adjust else None
+    for x, y, *source in bar:  # multi-source items carry their source's index
         x, y = x.to(device, non_blocking=True), torch.as_tensor(y).to(device, non_blocking=True)
         if x.dtype == torch.uint8:
             x, target = train_batch(x, y, spec, cfg.augment, len(spec["labels"]))
@@ -177,6 +203,8 @@ def train_one_epoch(model: nn.Module, loader: Iterable, opt: torch.optim.Optimiz
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, cfg):
             logits = model(x)  # through the DDP wrapper, so gradients are synchronised
+            if adjust is not None and source:
+                logits = logits + adjust[torch.as_tensor(source[0], device=device)]
             loss = soft_cross_entropy(logits, target, cfg.label_smoothing, weights)
             if captured:
                 labels = y.argmax(-1) if y.dim() == 2 else y
@@ -244,22 +272,24 @@ def fit(model: nn.Module, train_loader, val_loader, cfg: FitConfig, device: torc
                  best["acc"], best["best_epoch"])
     writer = _writer(out) if is_main() else None
     if cfg.eval_initial and start == 1 and is_main():
-        ev = evaluate_model(model, val_loader, device, cfg.tta_flip)
+        ev = evaluate_sources(model, val_loader, device, cfg.tta_flip, cfg.best_rule)
         best = _keep_best(model, ev, 0, "model", out / cfg.best_name, extra_meta)
-        history.append({"epoch": 0, "acc": ev["acc"], "acc_top3": ev["acc_top3"], "val_loss": ev["loss"]})
-        log.info("epoch 0 (initial weights): val acc %.4f top3 %.4f", ev["acc"], ev["acc_top3"])
+        history.append({"epoch": 0, "acc": ev["acc"], "acc_top3": ev["acc_top3"], "val_loss": ev["loss"],
+                        **_per_source(ev)})
+        log.info("epoch 0 (initial weights): val acc %.4f top3 %.4f%s", ev["acc"], ev["acc_top3"], _source_text(ev))
     for epoch in range(start, cfg.epochs + 1):
         if hasattr(getattr(train_loader, "sampler", None), "set_epoch"):
             train_loader.sampler.set_epoch(epoch)
         t0 = time.time()
         tr = train_one_epoch(model, train_loader, opt, sched, cfg, device, scaler, weights, epoch, is_main(), ema)
-        ev = evaluate_model(model, val_loader, device, cfg.tta_flip)
+        ev = evaluate_sources(model, val_loader, device, cfg.tta_flip, cfg.best_rule)
         row = {"epoch": epoch, "train_loss": tr["loss"], "lr": tr["lr"], "val_loss": ev["loss"],
-               "acc": ev["acc"], "acc_top3": ev["acc_top3"]}
+               "acc": ev["acc"], "acc_top3": ev["acc_top3"], **_per_source(ev)}
         candidates = [("model", model, ev)]
         if ema is not None:
-            ev_ema = evaluate_model(ema.model, val_loader, device, cfg.tta_flip)
-            row.update(ema_acc=ev_ema["acc"], ema_acc_top3=ev_ema["acc_top3"], ema_val_loss=ev_ema["loss"])
+            ev_ema = evaluate_sources(ema.model, val_loader, device, cfg.tta_flip, cfg.best_rule)
+            row.update(ema_acc=ev_ema["acc"], ema_acc_top3=ev_ema["acc_top3"], ema_val_loss=ev_ema["loss"],
+                       **_per_source(ev_ema, "ema_"))
             candidates.append(("ema", ema.model, ev_ema))
         row["seconds"] = time.time() - t0
         history.append(row)
@@ -271,24 +301,48 @@ def fit(model: nn.Module, train_loader, val_loader, cfg: FitConfig, device: torc
                                         scaler=scaler.state_dict(), epoch=epoch, best=best, history=history,
                                         config=_plain(asdict(cfg)),
                                         **({"ema": ema.state_dict()} if ema is not None else {})), ckpt_path)
+            atomic_json(history, out / HISTORY_JSON)
             _log_epoch(writer, row, ev)
-            log.info("epoch %d/%d loss %.4f val acc %.4f top3 %.4f%s (best %.4f @%d) %.0fs", epoch, cfg.epochs,
-                     tr["loss"], ev["acc"], ev["acc_top3"],
+            log.info("epoch %d/%d loss %.4f val acc %.4f top3 %.4f%s%s (best %.4f @%d) %.0fs", epoch, cfg.epochs,
+                     tr["loss"], ev["acc"], ev["acc_top3"], _source_text(ev),
                      f" ema {row['ema_acc']:.4f} top3 {row['ema_acc_top3']:.4f}" if ema is not None else "",
                      best["acc"], best["best_epoch"], row["seconds"])
     if writer:
         writer.close()
     return {"acc": best["acc"], "acc_top3": best.get("acc_top3"), "best_epoch": best["best_epoch"],
-            "best_source": best.get("source", "model"), "per_class": best.get("per_class"), "history": history}
+            "best_source": best.get("source", "model"), "per_class": best.get("per_class"), "history": history,
+            **({"sources": best["sources"]} if "sources" in best else {})}
 
 
 def _keep_best(model: nn.Module, ev: dict[str, Any], epoch: int, source: str, path: Path,
                extra_meta: dict[str, Any] | None) -> dict[str, Any]:
     """Save ``model`` as the run's best weights; returns the ``best`` record kept in checkpoints."""
-    best = {k: ev[k] for k in ("acc", "acc_top3", "n", "per_class", "confusion")}
+    best = {k: ev[k] for k in ("acc", "acc_top3", "n", "per_class", "confusion", "sources") if k in ev}
     best.update(best_epoch=epoch, source=source)
     save_weights(model, path, metrics=best, **(extra_meta or {}))
     return best
+
+
+HISTORY_JSON = "history.json"
+"""The run's per-epoch figures (per validation source too), rewritten after every epoch."""
+
+
+def atomic_json(data: Any, path: Path) -> None:
+    """Write ``data`` as JSON to ``path`` through a temporary file (never a half-written file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def _per_source(ev: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A history row's per-source figures (none for a single validation set)."""
+    if "sources" not in ev:
+        return {}
+    return {f"{prefix}sources": {k: {f: v[f] for f in ("acc", "acc_top3", "loss")} for k, v in ev["sources"].items()}}
+
+
+def _source_text(ev: dict[str, Any]) -> str:
+    return "".join(f" {k} {v['acc']:.4f}" for k, v in ev.get("sources", {}).items())
 
 
 def _plain(d: Any) -> Any:
@@ -311,6 +365,9 @@ def _log_epoch(writer, row: dict[str, Any], ev: dict[str, Any]) -> None:
     for k in ("train_loss", "val_loss", "acc", "acc_top3", "lr", "ema_acc", "ema_acc_top3"):
         if k in row:
             writer.add_scalar(k.replace("_", "/", 1) if k.endswith("loss") else k, row[k], e)
+    for name, figures in row.get("sources", {}).items():
+        writer.add_scalar(f"acc/{name}", figures["acc"], e)
+        writer.add_scalar(f"acc_top3/{name}", figures["acc_top3"], e)
     writer.add_figure("confusion_matrix", confusion_figure(ev["confusion"], ev["labels"]), e)
     writer.flush()
 

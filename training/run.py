@@ -22,10 +22,10 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from model_defs import DEFAULT_MODEL, create_model, default_spec, list_models, load_checkpoint
 
 from .augment import AugmentConfig
-from .datasets import ImageFolderDataset, ListFileDataset, cache_in_memory, random_subset
+from .datasets import ImageFolderDataset, cache_in_memory, random_subset
 from .distill import mix_teacher_targets, read_targets, with_unlabelled
 from .engine import FitConfig, fit, is_main, lp_embedding, prepare_batch, setup_distributed
-from .ferplus import read_votes, soft_targets
+from .sources import CLASS_SAMPLING, LoadOptions, Source, multi_source_loaders, source_dataset
 from .video_task import video_datasets
 
 log = logging.getLogger("training.run")
@@ -39,6 +39,21 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--val-dir", help="validation folder (default DATA/val, else DATA/test)")
     p.add_argument("--train-list", help="list file 'relative/path label' (paths relative to --data)")
     p.add_argument("--val-list", help="list file for validation")
+    p.add_argument("--source", action="append", metavar="NAME=PATH[,weight=W][,soft=CSV]",
+                   help="a training source (repeat for several): class folders, a folder with labels.csv, or a list "
+                        "file; weight = its share of the draws; soft = FER+ votes (label_weight=X); see training/sources.py")
+    p.add_argument("--val-source", action="append", metavar="NAME=PATH",
+                   help="a named validation set (repeat for several), scored every epoch")
+    p.add_argument("--best-rule", default="mean",
+                   help="with several --val-source: the best epoch maximises the mean (default) or min of their "
+                        "top-1, or one named set's")
+    p.add_argument("--class-sampling", choices=sorted(CLASS_SAMPLING), default="none",
+                   help="with --source: draw the classes of each source as they come (none), by the square root "
+                        "of their counts (sqrt), or alike (balanced)")
+    p.add_argument("--logit-adjust", type=float, default=0.0, metavar="TAU",
+                   help="with --source: add TAU * log(source prior / reference prior) to each item's logits in the "
+                        "loss, so the network keeps the reference source's class prior (0 = off)")
+    p.add_argument("--prior-ref", help="with --logit-adjust: the reference source (default: the first --source)")
     p.add_argument("--soft-labels", metavar="CSV",
                    help="FER+ votes (ferplus_votes.csv): train on a mix of the folder label and the vote distribution")
     p.add_argument("--label-weight", type=float, default=0.5,
@@ -101,28 +116,49 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return p
 
 
-def _image_datasets(args: argparse.Namespace, spec: dict) -> tuple[Dataset, Dataset]:
+def data_sources(args: argparse.Namespace) -> tuple[list[Source], list[Source]]:
+    """The training and validation sources: ``--source``/``--val-source``, or the single-source
+    flags (``--data``, ``--train-dir``/``--val-dir``, ``--train-list``/``--val-list``, ``--soft-labels``)
+    as one source each, named ``train`` and ``val``."""
+    try:
+        train = [Source.parse(t) for t in args.source or []]
+        val = [Source.parse(t) for t in args.val_source or []]
+    except ValueError as e:
+        raise SystemExit(str(e)) from e
+    if len({s.name for s in train}) != len(train) or len({s.name for s in val}) != len(val):
+        raise SystemExit("source names must be unique (--source, --val-source)")
     root = Path(args.data) if args.data else None
-    if args.train_list:
-        if root is None:
-            raise SystemExit("--train-list needs --data (the folder the listed paths are relative to)")
-        tr = ListFileDataset(root, args.train_list, spec, args.one_based)
-        va = ListFileDataset(root, args.val_list or args.train_list, spec, args.one_based)
-        return tr, va
-    train_dir = Path(args.train_dir) if args.train_dir else root / "train"
-    val_dir = Path(args.val_dir) if args.val_dir else next(
-        (root / d for d in ("val", "test") if (root / d).is_dir()), root / "val")
-    return ImageFolderDataset(train_dir, spec), ImageFolderDataset(val_dir, spec)
+    list_opts = {"root": root, "one_based": args.one_based}
+    if not train:
+        if args.train_list:
+            if root is None:
+                raise SystemExit("--train-list needs --data (the folder the listed paths are relative to)")
+            train = [Source("train", Path(args.train_list), **list_opts)]
+        elif args.train_dir or root is not None:
+            train = [Source("train", Path(args.train_dir) if args.train_dir else root / "train")]
+        if train and args.soft_labels:
+            train = [dataclasses.replace(train[0], soft_labels=Path(args.soft_labels), label_weight=args.label_weight)]
+    if not val:
+        if args.val_list or args.train_list:
+            val = [Source("val", Path(args.val_list or args.train_list), **list_opts)]
+        elif args.val_dir or root is not None:
+            val = [Source("val", Path(args.val_dir) if args.val_dir else next(
+                (root / d for d in ("val", "test") if (root / d).is_dir()), root / "val"))]
+    return train, val
 
 
 def build_datasets(args: argparse.Namespace, spec: dict) -> tuple[Dataset, Dataset, list[int]]:
-    """Training and validation datasets for the task, and the training class counts."""
+    """Single-source training and validation datasets (``--data``-style flags), and the class counts."""
+    opts = LoadOptions(args.subset, args.seed, args.cache, args.workers)
+    train, val = data_sources(args)
     if args.task == "video":
-        return video_datasets(args, spec)
-    tr, va = _image_datasets(args, spec)
+        still = Path(args.still_clips) if args.still_clips else None
+        return video_datasets(train[0] if train else None, val[0] if val else None, spec, opts, still,
+                              args.detect_faces)
+    if not train or not val:
+        raise SystemExit("no training or validation data: give --data, --train-dir/--val-dir or --source/--val-source")
+    tr, va = source_dataset(train[0], spec), source_dataset(val[0], spec)
     counts = tr.class_counts()
-    if args.soft_labels:
-        tr.targets = soft_targets(tr.files, tr.labels, read_votes(args.soft_labels), args.label_weight)
     faces = []
     if args.distill:
         if not isinstance(tr, ImageFolderDataset):
@@ -130,12 +166,42 @@ def build_datasets(args: argparse.Namespace, spec: dict) -> tuple[Dataset, Datas
         teacher, faces = read_targets(args.distill)
         n = mix_teacher_targets(tr, teacher, args.distill_weight)
         log.info("teacher targets for %d of %d training images, %d unlabelled faces added", n, len(tr), len(faces))
-    if args.subset:
-        tr, counts = random_subset(tr, tr.labels, args.subset, args.seed)
+    if opts.subset:
+        tr, counts = random_subset(tr, tr.labels, opts.subset, opts.seed)
     tr = with_unlabelled(tr, faces, spec)
-    if args.cache:
-        tr, va = cache_in_memory(tr, args.workers), cache_in_memory(va, args.workers)
+    if opts.cache:
+        tr, va = cache_in_memory(tr, opts.workers), cache_in_memory(va, opts.workers)
     return tr, va, counts
+
+
+def build_loaders(args: argparse.Namespace, spec: dict, device: torch.device, rank: int,
+                  world: int) -> tuple[DataLoader, DataLoader | dict[str, DataLoader], list[int], list[list[float]] | None]:
+    """Training loader, validation loader(s) (a dict over ``--val-source``s), the training class
+    counts, and the per-source logit offsets (``--logit-adjust``)."""
+    workers = 0 if args.cache else args.workers
+    pin = device.type == "cuda"
+    if not (args.source or args.val_source):
+        tr, va, counts = build_datasets(args, spec)
+        sampler = DistributedSampler(tr, shuffle=True) if world > 1 else None
+        if sampler is not None:
+            sampler.set_epoch(1)
+            log.info("rank %d/%d: epoch 1 shard of %d training items: %s", rank, world, len(sampler),
+                     json.dumps(sorted(sampler)))
+        train_loader = DataLoader(tr, batch_size=args.batch_size, shuffle=sampler is None, sampler=sampler,
+                                  num_workers=workers, drop_last=True, pin_memory=pin, persistent_workers=workers > 0)
+        return train_loader, DataLoader(va, batch_size=256, num_workers=workers), counts, None
+    if args.task != "image" or args.distill:
+        raise SystemExit("--source/--val-source are for --task image without --distill")
+    train, val = data_sources(args)
+    if not train or not val:
+        raise SystemExit("--source and --val-source go together (give at least one of each)")
+    try:
+        loaders = multi_source_loaders(train, val, spec, LoadOptions(args.subset, args.seed, args.cache, args.workers),
+                                       args.batch_size, args.class_sampling, args.logit_adjust, args.prior_ref,
+                                       args.best_rule, rank, world, pin)
+    except ValueError as e:
+        raise SystemExit(str(e)) from e
+    return loaders.train, loaders.val, loaders.class_counts, loaders.logit_adjust
 
 
 BN_CALIBRATION_IMAGES = 512
@@ -181,20 +247,11 @@ def main(args: argparse.Namespace) -> dict:
         log.info("froze %d parameter tensors (%s)", len(frozen), ", ".join(args.freeze))
     model.to(device)
     spec = model.spec.to_dict()
-    train_ds, val_ds, counts = build_datasets(args, spec)
+    train_loader, val_loader, counts, adjust = build_loaders(args, spec, device, rank, world)
+    train_ds = train_loader.dataset
     if getattr(model, "batchnorm_from_data", False) and not (args.init or args.resume):
         model.calibrate_batchnorm(_calibration_batches(train_ds, spec, device, args.seed))
         log.info("batch norm statistics taken from %d training images", BN_CALIBRATION_IMAGES)
-    sampler = DistributedSampler(train_ds, shuffle=True) if world > 1 else None
-    if sampler is not None:
-        sampler.set_epoch(1)
-        log.info("rank %d/%d: epoch 1 shard of %d training items: %s", rank, world, len(sampler),
-                 json.dumps(sorted(sampler)))
-    workers = 0 if args.cache else args.workers
-    train_loader = DataLoader(train_ds, batch_size=args.batch_size, shuffle=sampler is None, sampler=sampler,
-                              num_workers=workers, drop_last=True, pin_memory=device.type == "cuda",
-                              persistent_workers=workers > 0)
-    val_loader = DataLoader(val_ds, batch_size=256, num_workers=workers)
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     aug = AugmentConfig(rotate=args.rotate, erase=args.erase, mixup=args.mixup, cutmix=args.cutmix)
@@ -205,13 +262,15 @@ def main(args: argparse.Namespace) -> dict:
                     cpu_bf16=args.cpu_bf16, channels_last=args.channels_last, head_lr_scale=args.head_lr_scale,
                     ema_epochs=args.ema_epochs,
                     output_dir=args.output_dir or f"runs/{args.task}", resume=args.resume,
-                    eval_initial=args.eval_initial, augment=aug)
-    log.info("training %s on %d images (%s), validating on %d, %s x%d", name, len(train_ds),
-             counts, len(val_ds), device, world)
+                    eval_initial=args.eval_initial, augment=aug, best_rule=args.best_rule, logit_adjust=adjust)
+    vals = val_loader if isinstance(val_loader, dict) else {"val": val_loader}
+    log.info("training %s on %d images (%s), validating on %s, %s x%d", name, len(train_ds), counts,
+             ", ".join(f"{k} {len(v.dataset)}" for k, v in vals.items()), device, world)
     result = fit(model, train_loader, val_loader, cfg, device, counts,
                  extra_meta={"train_args": {k: v for k, v in vars(args).items() if v is not None}})
     if is_main():
-        best = {k: result[k] for k in ("acc", "acc_top3", "best_epoch", "best_source", "per_class")}
+        best = {k: result[k] for k in ("acc", "acc_top3", "best_epoch", "best_source", "per_class", "sources")
+                if k in result}
         print(json.dumps(best))
         log.info("best weights: %s", Path(cfg.output_dir) / cfg.best_name)
     return result

@@ -30,8 +30,8 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from handlers.contract import DETECTION_MODES
-from handlers.faces import FaceDetector, largest_face
+from handlers.contract import DETECTION_MODES, FACE_DETECTORS, IMAGE_DEFAULTS
+from handlers.faces import Detector, detector_for, largest_face
 from handlers.preprocess import decode_image, normalize, spec_uint8, to_model_input, to_rgb
 from handlers.video_decode import read_clip, sample_indices
 from model_defs import (DEFAULT_MODEL, LABELS, SHIPPED_WEIGHTS, CheckpointError, ModelSpec, create_model,
@@ -40,6 +40,7 @@ from model_defs.video_nets import with_frame_network
 
 from .engine import FitConfig, evaluate_model, fit, predict_logits, setup_distributed
 from .labelled_files import label_index
+from .sources import LoadOptions, Source, check_best_rule, multi_source_loaders
 from .video_task import clip_probs
 
 log = logging.getLogger(__name__)
@@ -70,18 +71,22 @@ class EmotionRecognizer:
             answers in your numbering.
         face_detection: ``auto`` / ``always`` / ``never``, for files and PIL images only
             (tensors are taken as face crops), as in the handler.
+        face_detector: ``retinaface`` (the served default) or ``mtcnn``, as the handler's option.
     """
 
     best_name = BEST_NAME
 
     def __init__(self, video: bool = True, pretrained: bool = True, n_gpu: int = 0, *, model: str | None = None,
                  weights: str | os.PathLike | None = None, output_dir: str | os.PathLike | None = None,
-                 target_order: Sequence[str] | None = None, face_detection: str = "auto") -> None:
+                 target_order: Sequence[str] | None = None, face_detection: str = "auto",
+                 face_detector: str = str(IMAGE_DEFAULTS["detector"])) -> None:
         self.task = "video" if video else "image"
         self.output_dir = Path(output_dir if output_dir is not None else DEFAULT_OUTPUT_DIR) / self.task
         if face_detection not in DETECTION_MODES:
             raise ValueError(f"face_detection must be one of {', '.join(DETECTION_MODES)}, not {face_detection!r}")
-        self.face_detection = face_detection
+        if face_detector not in FACE_DETECTORS:
+            raise ValueError(f"face_detector must be one of {', '.join(FACE_DETECTORS)}, not {face_detector!r}")
+        self.face_detection, self.face_detector = face_detection, face_detector
         self._to_ours, self._from_ours = _label_maps(target_order)
         self.distributed, self.device = _device(int(n_gpu))
         name = model or DEFAULT_MODEL[self.task]
@@ -99,7 +104,7 @@ class EmotionRecognizer:
         if self.distributed:
             ids = [self.device] if self.device.type == "cuda" else None
             self.model = nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
-        self._detector: FaceDetector | None = None
+        self._detector: Detector | None = None
 
     # ------------------------------------------------------------------ public API
 
@@ -120,8 +125,9 @@ class EmotionRecognizer:
         """Where :meth:`train` writes the best epoch's weights."""
         return self.output_dir / self.best_name
 
-    def train(self, train_loader: Iterable, test_loader: Iterable, epochs: int, learn_rate: float = 3e-5,
-              momentum: float = 0.9, weight_decay: float = 5e-4) -> dict[str, Any]:
+    def train(self, train_loader: Iterable, test_loader: Iterable | Mapping[str, Iterable], epochs: int,
+              learn_rate: float = 3e-5, momentum: float = 0.9, weight_decay: float = 5e-4,
+              best_rule: str = "mean") -> dict[str, Any]:
         """Train or fine-tune on your loaders, evaluating on ``test_loader`` after every epoch.
 
         Loaders yield ``(input, target)`` batches: images ``(N, 3, H, W)`` or clips
@@ -132,27 +138,78 @@ class EmotionRecognizer:
         checkpoint format, loadable by ``model_defs.load_model`` and ``export``), and are loaded
         into this recognizer when training ends.
 
+        ``test_loader`` may be a mapping ``name -> loader`` of several validation sets: each is
+        scored every epoch and the best epoch maximises ``best_rule`` over them (``mean``, ``min``
+        or one set's name; ``training.sources``).
+
         Returns:
-            ``{'acc', 'acc_top3', 'best_epoch'}`` of the best epoch on ``test_loader``.
+            ``{'acc', 'acc_top3', 'best_epoch'}`` of the best epoch on ``test_loader`` (and
+            ``sources``, each validation set's figures, for a mapping).
         """
-        best_path = self.best_weights.resolve()
-        cfg = FitConfig(epochs=int(epochs), lr=learn_rate, momentum=momentum, weight_decay=weight_decay,
-                        tta_flip=self._tta, output_dir=str(self.output_dir),
-                        best_name=str(best_path))  # absolute: Path(output_dir) / best_name == best_path
+        cfg = self._fit_config(epochs, learn_rate, momentum, weight_decay, best_rule=best_rule)
         tr = _Batches(self._distributed_loader(train_loader), self._engine_batch, self._target)
-        te = _Batches(test_loader, self._engine_batch, self._target)
-        meta = {"train_args": {"sdk": type(self).__name__, "task": self.task, "epochs": int(epochs),
-                               "learn_rate": learn_rate, "momentum": momentum, "weight_decay": weight_decay}}
-        result = fit(self.model, tr, te, cfg, self.device, extra_meta=meta)
+        if isinstance(test_loader, Mapping):
+            check_best_rule(best_rule, list(test_loader))
+            te: Any = {k: _Batches(v, self._engine_batch, self._target) for k, v in test_loader.items()}
+        else:
+            te = _Batches(test_loader, self._engine_batch, self._target)
+        meta = {"sdk": type(self).__name__, "task": self.task, "epochs": int(epochs), "learn_rate": learn_rate,
+                "momentum": momentum, "weight_decay": weight_decay}
+        return self._fit(tr, te, cfg, meta)
+
+    def train_sources(self, sources: Sequence[Source | str], val_sources: Sequence[Source | str], epochs: int,
+                      learn_rate: float = 0.006, *, batch_size: int = 64, class_sampling: str = "none",
+                      logit_adjust: float = 0.0, prior_ref: str | None = None, best_rule: str = "mean",
+                      momentum: float = 0.9, weight_decay: float = 1e-4, cache: bool = False,
+                      workers: int = 2, seed: int = 0) -> dict[str, Any]:
+        """Train an image model on several labelled sources at once, as ``training.run --source``.
+
+        ``sources`` and ``val_sources`` are :class:`training.sources.Source` values or their text
+        (``"name=folder,weight=0.6,soft=votes.csv"``). Training draws from the sources by weight
+        (``class_sampling`` ``none``/``sqrt``/``balanced`` within each), optionally with each
+        source's class prior corrected toward ``prior_ref``'s (``logit_adjust`` = tau); every
+        validation source is scored each epoch and the best epoch maximises ``best_rule``.
+
+        Returns:
+            ``{'acc', 'acc_top3', 'best_epoch', 'sources'}``: the rule's figures and each
+            validation source's at the best epoch.
+        """
+        if self.task != "image":
+            raise ValueError("train_sources trains image models (EmotionRecognizer(video=False))")
+        train = [s if isinstance(s, Source) else Source.parse(s) for s in sources]
+        val = [s if isinstance(s, Source) else Source.parse(s) for s in val_sources]
+        rank, world = (dist.get_rank(), dist.get_world_size()) if self.distributed else (0, 1)
+        loaders = multi_source_loaders(train, val, self.spec.to_dict(), LoadOptions(0, seed, cache, workers),
+                                       batch_size, class_sampling, logit_adjust, prior_ref, best_rule, rank, world,
+                                       self.device.type == "cuda")
+        cfg = self._fit_config(epochs, learn_rate, momentum, weight_decay, best_rule=best_rule,
+                               logit_adjust=loaders.logit_adjust, warmup_epochs=0.5, label_smoothing=0.0)
+        meta = {"sdk": type(self).__name__, "task": self.task, "epochs": int(epochs), "learn_rate": learn_rate,
+                "sources": [s.as_dict() for s in train], "val_sources": [s.as_dict() for s in val],
+                "class_sampling": class_sampling, "logit_adjust": logit_adjust, "best_rule": best_rule}
+        return self._fit(loaders.train, loaders.val, cfg, meta, loaders.class_counts)
+
+    def _fit_config(self, epochs: int, learn_rate: float, momentum: float, weight_decay: float,
+                    **more: Any) -> FitConfig:
+        return FitConfig(epochs=int(epochs), lr=learn_rate, momentum=momentum, weight_decay=weight_decay,
+                         tta_flip=self._tta, output_dir=str(self.output_dir),
+                         best_name=str(self.best_weights.resolve()),  # absolute: output_dir / best_name == it
+                         **more)
+
+    def _fit(self, train: Iterable, val: Any, cfg: FitConfig, train_args: dict[str, Any],
+             class_counts: list[int] | None = None) -> dict[str, Any]:
+        """``training.engine.fit``, then the best weights loaded into this recognizer."""
+        result = fit(self.model, train, val, cfg, self.device, class_counts, extra_meta={"train_args": train_args})
         if self.distributed:  # rank 0 tracked the best epoch and wrote its weights: share both
             shared = [result]
             dist.broadcast_object_list(shared, src=0)
             result = shared[0]
+        best_path = Path(cfg.best_name)
         if best_path.exists():
             self.net.load_state_dict(load_file(best_path)["state_dict"])
         self.net.eval()
         log.info("best epoch %d: acc %.4f; weights in %s", result["best_epoch"], result["acc"], best_path)
-        return {"acc": result["acc"], "acc_top3": result["acc_top3"], "best_epoch": result["best_epoch"]}
+        return {k: result[k] for k in ("acc", "acc_top3", "best_epoch", "sources") if k in result}
 
     def eval(self, test_loader: Iterable, epoch: int = 1) -> dict[str, float]:
         """Evaluate on a loader of ``(input, target)`` batches.
@@ -303,9 +360,9 @@ class EmotionRecognizer:
                           num_workers=loader.num_workers, collate_fn=loader.collate_fn,
                           pin_memory=loader.pin_memory, drop_last=loader.drop_last)
 
-    def _detector_or_none(self) -> FaceDetector | None:
+    def _detector_or_none(self) -> Detector | None:
         if self.face_detection != "never" and self._detector is None:
-            self._detector = FaceDetector(device=self.device)
+            self._detector = detector_for({**IMAGE_DEFAULTS, "detector": self.face_detector}, self.device)
         return self._detector if self.face_detection != "never" else None
 
     def _face_crops(self, images: list[Image.Image]) -> list[Image.Image]:

@@ -8,7 +8,6 @@ With ``--detect-faces`` each sampled frame goes through the handler's detection 
 """
 from __future__ import annotations
 
-import argparse
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
@@ -25,6 +24,7 @@ from model_defs import unwrap
 from .datasets import ImageFolderDataset, detected_face_crop, cache_in_memory, random_subset
 from .engine import predict_logits
 from .clip_datasets import ClipDataset, StillClipDataset, video_dataset
+from .sources import LoadOptions, Source
 
 
 def frame_transform(spec: dict[str, Any], detect_faces: bool, device: str = "cpu") -> Callable:
@@ -35,36 +35,35 @@ def frame_transform(spec: dict[str, Any], detect_faces: bool, device: str = "cpu
     return lambda img: to_model_input(crop(img), spec)
 
 
-def video_eval_dataset(data: str | Path, spec: dict[str, Any], detect_faces: bool = False,
-                       device: str = "cpu", list_file: str | None = None, one_based: bool = False) -> ClipDataset:
-    """Evaluation clips (16 frames sampled uniformly, as the handler does)."""
-    return video_dataset(data, spec, list_file=list_file, one_based=one_based, train=False,
-                         frame_transform=frame_transform(spec, detect_faces, device))
+def _clips(src: Source, spec: dict[str, Any], **kw: Any) -> ClipDataset:
+    """A source's clips: a list file over frame folders (relative to ``src.root``), a labels CSV or class folders."""
+    if src.path.is_file() and src.path.suffix.lower() != ".csv":
+        return video_dataset(src.root or src.path.parent, spec, list_file=src.path, one_based=src.one_based, **kw)
+    return video_dataset(src.path, spec, **kw)
 
 
-def video_datasets(args: argparse.Namespace, spec: dict[str, Any]) -> tuple[Dataset, Dataset, list[int]]:
-    """Training and validation clip datasets for ``training.run --task video``."""
-    root = Path(args.data) if args.data else None
-    detect = getattr(args, "detect_faces", False)
-    if args.still_clips:
-        stills = ImageFolderDataset(args.still_clips, spec)
+def video_datasets(train: Source | None, val: Source | None, spec: dict[str, Any], opts: LoadOptions,
+                   still_clips: Path | None = None, detect_faces: bool = False) -> tuple[Dataset, Dataset, list[int]]:
+    """Training and validation clip datasets for ``training.run --task video``: real training
+    clips, or clips synthesised from the face stills in ``still_clips``."""
+    if still_clips is not None:
+        stills = ImageFolderDataset(still_clips, spec)
         counts = stills.class_counts()
         base: Dataset = stills
-        if args.subset:
-            base, counts = random_subset(stills, stills.labels, args.subset, args.seed)
-        if args.cache:
-            base = cache_in_memory(base, args.workers)
-        train: Dataset = StillClipDataset(base, spec)
+        if opts.subset:
+            base, counts = random_subset(stills, stills.labels, opts.subset, opts.seed)
+        if opts.cache:
+            base = cache_in_memory(base, opts.workers)
+        train_ds: Dataset = StillClipDataset(base, spec)
+    elif train is not None:
+        train_ds = _clips(train, spec, train=True, frame_transform=frame_transform(spec, detect_faces))
+        counts = train_ds.class_counts()
     else:
-        train_src = args.train_dir or (root / "train" if root else None)
-        train = video_dataset(train_src, spec, list_file=args.train_list, one_based=args.one_based,
-                              train=True, frame_transform=frame_transform(spec, detect))
-        counts = train.class_counts()
-    val_src = args.val_dir or (root / "val" if root else None)
-    if val_src is None:
+        raise SystemExit("--task video needs training clips (--data, --train-dir, --train-list) or --still-clips")
+    if val is None:
         raise SystemExit("--task video needs --val-dir or --data with a val/ folder")
-    val = video_eval_dataset(val_src, spec, detect, list_file=args.val_list, one_based=args.one_based)
-    return train, val, counts
+    val_ds = _clips(val, spec, train=False, frame_transform=frame_transform(spec, detect_faces))
+    return train_ds, val_ds, counts
 
 
 def clip_probs(model: nn.Module, clips: torch.Tensor, tta_flip: bool | None = None) -> torch.Tensor:

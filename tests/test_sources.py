@@ -1,0 +1,238 @@
+"""Multi-source training (training/sources.py): sources of different size and colour loaded through
+the one preprocessing contract, draws by source weight and class, per-source logit offsets,
+per-source validation figures, the best-epoch rule, a resume in the middle of a multi-source run,
+the SDK's ``train_sources`` and the per-set evaluation table."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from handlers.preprocess import to_uint8
+from model_defs import LABELS, create_model, load_checkpoint, save_weights
+from training.engine import FitConfig, fit
+from training.ferplus import VOTE_COLUMNS
+from training.sources import (MultiSourceDataset, Source, SourceSampler, best_score, check_best_rule, draw_weights,
+                              logit_adjustment, multi_source_loaders, sampled_priors, source_dataset, LoadOptions)
+
+REPO = Path(__file__).resolve().parents[1]
+GREY = REPO / "tests" / "fixtures" / "faces"  # FER2013 crops: 48x48 grey JPEG, 2 per class
+COLOUR = REPO / "tests" / "fixtures" / "affectnet"  # AffectNet faces: 96x96 colour JPEG, 2 per class
+SPEC = create_model("emo_resnet_s").spec.to_dict()  # 48 px grey
+MNV2 = create_model("emo_mobilenet_v2").spec.to_dict()  # 64 px grey
+
+
+def _votes(tmp_path: Path) -> Path:
+    """A FER+ votes file for the grey faces: every face's crowd says 'surprise' 6 times of 10."""
+    path = tmp_path / "votes.csv"
+    rows = [",".join(["file", *VOTE_COLUMNS])]
+    for f in sorted(GREY.rglob("*.jpg")):
+        votes = {c: 0 for c in VOTE_COLUMNS} | {"surprise": 6, "neutral": 4}
+        rows.append(",".join([f"train/{f.parent.name}/{f.name}", *(str(votes[c]) for c in VOTE_COLUMNS)]))
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_source_text_round_trips_and_bad_text_is_refused():
+    src = Source.parse("fer=/data/fer/train,weight=0.6,soft=/data/votes.csv,label_weight=0.3")
+    assert (src.name, src.path, src.weight, src.soft_labels, src.label_weight) == \
+        ("fer", Path("/data/fer/train"), 0.6, Path("/data/votes.csv"), 0.3)
+    assert Source.parse("raf=/r/list.txt,root=/r/img,one_based=1").one_based
+    for bad, says in [("no-path", "name=path"), ("a=b,colour=1", "unknown option"),
+                      ("a=b,weight=0", "positive"), ("a=b,weight=x", "bad value")]:
+        with pytest.raises(ValueError, match=says):
+            Source.parse(bad)
+
+
+def test_sources_of_different_size_and_colour_load_alike(tmp_path: Path):
+    """48 px grey and 96 px colour faces come out at the network's size and channels, through the
+    one preprocessing path (``handlers.preprocess.to_uint8``), with their targets and source index."""
+    votes = _votes(tmp_path)
+    ds = MultiSourceDataset([source_dataset(Source("fer", GREY, soft_labels=votes, label_weight=0.5), MNV2),
+                             source_dataset(Source("affectnet", COLOUR), MNV2)], ["fer", "affectnet"])
+    assert len(ds) == 28 and ds.source_counts() == [[2] * 7, [2] * 7]
+    for i in (0, 13, 14, 27):
+        x, y, s = ds[i]
+        assert x.shape == (1, 64, 64) and x.dtype == torch.uint8
+        assert y.shape == (len(LABELS),) and y.sum() == pytest.approx(1.0)
+        assert s == (0 if i < 14 else 1)
+        src = ds.datasets[s]
+        assert torch.equal(x, to_uint8(Image.open(src.files[i - 14 * s]), MNV2))
+    fer_target = ds[0][1]  # angry face: half its label, half the crowd (0.6 surprise, 0.4 neutral)
+    assert fer_target[LABELS.index("angry")] == pytest.approx(0.5)
+    assert fer_target[LABELS.index("surprise")] == pytest.approx(0.3)
+    colour_target = ds[14][1]
+    assert colour_target.max() == 1.0  # hard label as one-hot
+
+
+def test_list_file_and_csv_sources(tmp_path: Path):
+    files = sorted(COLOUR.rglob("*.jpg"))[:4]
+    (tmp_path / "list.txt").write_text("".join(f"{f.relative_to(COLOUR)} {LABELS.index(f.parent.name) + 1}\n"
+                                               for f in files))
+    ds = source_dataset(Source("raf", tmp_path / "list.txt", root=COLOUR, one_based=True), MNV2)
+    assert ds.labels == [LABELS.index(f.parent.name) for f in files]
+
+
+def _imbalanced(tmp_path: Path) -> MultiSourceDataset:
+    """Source a: 6 happy and 2 sad; source b: 2 happy and 8 sad (copies of fixture faces)."""
+    datasets = []
+    for name, happy, sad in (("a", 6, 2), ("b", 2, 8)):
+        for cls, n in (("happy", happy), ("sad", sad)):
+            (tmp_path / name / cls).mkdir(parents=True)
+            img = Image.open(next((GREY / cls).glob("*.jpg")))
+            for i in range(n):
+                img.save(tmp_path / name / cls / f"{i}.png")
+        datasets.append(source_dataset(Source(name, tmp_path / name), SPEC))
+    return MultiSourceDataset(datasets, ["a", "b"])
+
+
+def test_draws_follow_source_weights_and_class_sampling(tmp_path: Path):
+    ds = _imbalanced(tmp_path)
+    w = draw_weights(ds, [3.0, 1.0])
+    assert w.sum() == pytest.approx(1.0)
+    assert w[:8].sum() == pytest.approx(0.75) and w[8:].sum() == pytest.approx(0.25)  # by weight, not by size
+    assert w[0] == pytest.approx(w[7])  # within a source, as it comes
+    balanced = draw_weights(ds, [1.0, 1.0], class_power=1.0)
+    happy_b = sum(balanced[i] for i in range(8, 18) if ds.labels[i] == LABELS.index("happy"))
+    assert happy_b == pytest.approx(0.25)  # each class of b gets half of b's share
+    draws = torch.tensor(list(SourceSampler(w, 20_000, seed=1)))
+    assert (draws < 8).float().mean() == pytest.approx(0.75, abs=0.015)
+
+
+def test_sampler_is_seeded_per_epoch_and_shards_for_ddp(tmp_path: Path):
+    w = draw_weights(_imbalanced(tmp_path), [1.0, 1.0])
+    a = SourceSampler(w, 40, seed=3)
+    first = list(a)
+    assert first == list(SourceSampler(w, 40, seed=3)) and len(a) == 40
+    a.set_epoch(2)
+    assert list(a) != first
+    shards = [SourceSampler(w, 40, rank=r, world=2, seed=3) for r in (0, 1)]
+    for s in shards:
+        s.set_epoch(2)
+    assert [len(s) for s in shards] == [20, 20]
+    merged = [i for pair in zip(*map(list, shards)) for i in pair]
+    assert merged == list(a)  # the two ranks split the same draw
+
+
+def test_logit_adjustment_moves_each_source_to_the_reference_prior(tmp_path: Path):
+    ds = _imbalanced(tmp_path)
+    adj = logit_adjustment(ds, class_power=0.0, reference=0)
+    h, s = LABELS.index("happy"), LABELS.index("sad")
+    assert adj[0, h] == pytest.approx(0.0, abs=1e-6) and adj[0, s] == pytest.approx(0.0, abs=1e-6)
+    # b has fewer happy faces than a: its happy logit is lowered in the loss, so the network does not learn b's prior
+    assert adj[1, h] == pytest.approx(torch.log(torch.tensor(0.2 / 0.75)).item(), rel=1e-5)
+    assert adj[1, s] == pytest.approx(torch.log(torch.tensor(0.8 / 0.25)).item(), rel=1e-5)
+    balanced = sampled_priors(ds, class_power=1.0)
+    assert balanced[1, h] == pytest.approx(0.5) and balanced[1, s] == pytest.approx(0.5)
+
+
+def test_best_rule():
+    scores = {"fer": 0.70, "affectnet": 0.50}
+    assert best_score(scores, "mean") == pytest.approx(0.60)
+    assert best_score(scores, "min") == 0.50 and best_score(scores, "affectnet") == 0.50
+    assert check_best_rule("fer", list(scores)) == "fer"
+    with pytest.raises(ValueError, match="best rule 'max'"):
+        check_best_rule("max", list(scores))
+
+
+def _two_source_loaders(tmp_path: Path, rule: str = "mean"):
+    votes = _votes(tmp_path)
+    return multi_source_loaders([Source("fer", GREY, weight=0.5, soft_labels=votes), Source("affectnet", COLOUR)],
+                                [Source("fer", GREY), Source("affectnet", COLOUR)], SPEC, LoadOptions(workers=0),
+                                batch_size=7, logit_adjust=1.0, best_rule=rule)
+
+
+@pytest.mark.parametrize("rule", ["mean", "affectnet"])
+def test_fit_scores_every_validation_source_and_keeps_the_best_by_the_rule(tmp_path: Path, rule: str):
+    torch.manual_seed(0)
+    loaders = _two_source_loaders(tmp_path, rule)
+    x, y, s = next(iter(loaders.train))
+    assert x.shape == (7, 1, 48, 48) and y.shape == (7, 7) and s.dtype == torch.long
+    cfg = FitConfig(epochs=3, lr=0.02, optimizer="adamw", output_dir=str(tmp_path / "run"), best_rule=rule,
+                    logit_adjust=loaders.logit_adjust, eval_initial=True)
+    res = fit(create_model("emo_resnet_s"), loaders.train, loaders.val, cfg, class_counts=loaders.class_counts)
+    for row in res["history"]:
+        assert set(row["sources"]) == {"fer", "affectnet"}
+        assert row["acc"] == pytest.approx(best_score({k: v["acc"] for k, v in row["sources"].items()}, rule))
+    best_row = max(res["history"], key=lambda r: r["acc"])
+    assert res["acc"] == pytest.approx(best_row["acc"]) and res["best_epoch"] == best_row["epoch"]
+    saved = load_checkpoint(tmp_path / "run" / "best.pth")["metrics"]
+    assert saved["best_epoch"] == res["best_epoch"] and set(saved["sources"]) == {"fer", "affectnet"}
+    assert saved["sources"]["fer"]["n"] == 14 and set(saved["sources"]["fer"]["per_class"]) == set(LABELS)
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [0, 1, 2, 3] and history[-1]["sources"] == res["history"][-1]["sources"]
+    tb = list((tmp_path / "run" / "tb").iterdir())
+    assert tb and any(b"acc/affectnet" in f.read_bytes() for f in tb)
+
+
+def _run_cli(tmp_path: Path, epochs: int, *extra: str) -> subprocess.CompletedProcess:
+    votes = _votes(tmp_path)
+    cmd = [sys.executable, "-m", "training.run", "--task", "image", "--model", "emo_resnet_s",
+           "--source", f"fer={GREY},weight=0.5,soft={votes}", "--source", f"affectnet={COLOUR},weight=0.5",
+           "--val-source", f"fer={GREY}", "--val-source", f"affectnet={COLOUR}", "--best-rule", "min",
+           "--class-sampling", "sqrt", "--logit-adjust", "1", "--prior-ref", "affectnet", "--ema-epochs", "1",
+           "--epochs", str(epochs), "-b", "7", "--workers", "0", "--threads", "1", "--output-dir",
+           str(tmp_path / "run"), *extra]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+
+
+def test_cli_multi_source_run_resumes_in_the_middle(tmp_path: Path):
+    """A 3-epoch run stopped after epoch 1 (its checkpoint is all that is left) and resumed."""
+    stopped = _run_cli(tmp_path, 1, "--subset", "14")
+    assert stopped.returncode == 0, stopped.stderr[-2000:]
+    ck1 = load_checkpoint(tmp_path / "run" / "checkpoint.pth")
+    assert ck1["epoch"] == 1 and ck1["config"]["best_rule"] == "min" and len(ck1["config"]["logit_adjust"]) == 2
+    resumed = _run_cli(tmp_path, 3, "--subset", "14", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stderr and "at epoch 2" in resumed.stderr
+    ck = load_checkpoint(tmp_path / "run" / "checkpoint.pth")
+    assert ck["epoch"] == 3 and [h["epoch"] for h in ck["history"]] == [1, 2, 3]
+    assert ck["history"][0] == ck1["history"][0]
+    assert ck["scheduler"]["last_epoch"] == 3 * 2  # 14 draws of 7 a batch: the schedule went on, not restarted
+    assert all(set(h["sources"]) == {"fer", "affectnet"} and "ema_sources" in h for h in ck["history"])
+    best = json.loads(resumed.stdout.strip().splitlines()[-1])
+    assert best["acc"] == pytest.approx(min(v["acc"] for v in best["sources"].values()))
+    assert best["acc"] == pytest.approx(max(max(h["acc"], h["ema_acc"]) for h in ck["history"]))
+
+
+def test_cli_refuses_a_bad_rule_or_reference(tmp_path: Path):
+    r = _run_cli(tmp_path, 1, "--best-rule", "fer2013")
+    assert r.returncode != 0 and "best rule 'fer2013'" in r.stderr
+    r = _run_cli(tmp_path, 1, "--prior-ref", "photos")
+    assert r.returncode != 0 and "'photos' is not a training source" in r.stderr
+
+
+def test_sdk_trains_on_sources(tmp_path: Path):
+    from training import EmotionRecognizer
+    r = EmotionRecognizer(video=False, pretrained=False, model="emo_resnet_s", output_dir=tmp_path,
+                          face_detection="never")
+    res = r.train_sources([f"fer={GREY}", f"affectnet={COLOUR},weight=2"], [f"fer={GREY}", f"affectnet={COLOUR}"],
+                          epochs=1, learn_rate=0.01, batch_size=7, workers=0, logit_adjust=1.0, best_rule="fer")
+    assert res["acc"] == pytest.approx(res["sources"]["fer"]["acc"]) and set(res["sources"]) == {"fer", "affectnet"}
+    assert load_checkpoint(r.best_weights)["train_args"]["sources"][1]["weight"] == 2.0
+    grey = DataLoader([(to_uint8(Image.open(f), SPEC).expand(3, -1, -1), LABELS.index(f.parent.name))
+                       for f in sorted(GREY.rglob("*.jpg"))], batch_size=7)
+    res = r.train(grey, {"a": grey, "b": grey}, epochs=1, learn_rate=0.001, best_rule="min")
+    assert set(res["sources"]) == {"a", "b"}
+
+
+def test_evaluate_prints_one_table_for_several_sets(tmp_path: Path):
+    weights = tmp_path / "w.pth"
+    save_weights(create_model("emo_resnet_s"), weights)
+    out = subprocess.run([sys.executable, "-m", "training.evaluate", "--weights", str(weights), "--workers", "0",
+                          "--set", f"fer={GREY}", "--set", f"affectnet={COLOUR}"],
+                         cwd=REPO, capture_output=True, text=True, check=True)
+    lines = out.stdout.strip().splitlines()
+    res = json.loads(lines[-1])
+    assert list(res["sets"]) == ["fer", "affectnet"] and all(r["n"] == 14 for r in res["sets"].values())
+    assert lines[0].startswith("| set | n | top-1 | top-3 | ECE | angry")
+    assert lines[2].startswith("| fer | 14 | ") and lines[3].startswith("| affectnet | 14 | ")
+    bad = subprocess.run([sys.executable, "-m", "training.evaluate", "--weights", str(weights),
+                          "--set", f"fer={GREY},detect=sometimes"], cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode != 0 and "'sometimes' is not one of auto, always" in bad.stderr

@@ -1,0 +1,266 @@
+"""Training and validation sources: each one small value that the dataset builder takes.
+
+    --source fer2013=../shared/data/fer2013/train,weight=0.6,soft=../shared/data/fer2013/ferplus_votes.csv
+    --source affectnet=../shared/data/affectnet/train,weight=0.4
+    --val-source fer2013=../shared/data/fer2013/val --val-source affectnet=../shared/data/affectnet/val
+
+A source is a class-folder tree, a folder with ``labels.csv`` (or the CSV itself), or a list file
+(any other file: ``relative/path label`` lines). Several training sources are drawn from
+in proportion to their ``weight`` (not their size), optionally class-balanced within each source
+(``class_power``), and each source's class prior can be corrected in the loss (logit adjustment
+toward a reference source's prior, so the served network keeps that prior). Several validation
+sources are scored every epoch, and the best epoch is chosen by a stated rule over them.
+"""
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from model_defs import LABELS
+
+from .datasets import FaceCropFn, ListFileDataset, _EncodedImages, cache_in_memory, image_dataset
+from .ferplus import read_votes, soft_targets
+from .labelled_files import class_counts
+
+log = logging.getLogger(__name__)
+
+CLASS_SAMPLING = {"none": 0.0, "sqrt": 0.5, "balanced": 1.0}
+"""Class sampling within a source: the power of a class's count by which its items are drawn less often."""
+BEST_RULES = ("mean", "min")
+"""Rules over the validation sources' top-1 for the best epoch; a source's name picks that source alone."""
+_OPTIONS: dict[str, Callable[[str], Any]] = {"weight": float, "soft": Path, "label_weight": float, "root": Path,
+                                            "one_based": lambda v: v.lower() in ("1", "true", "yes")}
+_FIELDS = {"soft": "soft_labels"}
+"""Option names that differ from the ``Source`` field they set."""
+
+
+def parse_named(text: str, options: Mapping[str, Callable[[str], Any]]) -> tuple[str, Path, dict[str, Any]]:
+    """``name=path[,key=value]...`` → name, path and the options, each converted by ``options[key]``.
+    ValueError names what is wrong."""
+    head, *rest = text.split(",")
+    name, sep, path = head.partition("=")
+    if not sep or not name.strip() or not path.strip():
+        raise ValueError(f"{text!r}: expected name=path[,key=value]... (keys: {', '.join(options)})")
+    out: dict[str, Any] = {}
+    for opt in rest:
+        key, sep, value = opt.partition("=")
+        if not sep or key.strip() not in options:
+            raise ValueError(f"{text!r}: unknown option {opt!r} (known: {', '.join(options)})")
+        try:
+            out[key.strip()] = options[key.strip()](value.strip())
+        except ValueError as e:
+            raise ValueError(f"{text!r}: bad value for {key.strip()}: {e}") from e
+    return name.strip(), Path(path.strip()), out
+
+
+@dataclass(frozen=True)
+class Source:
+    """One labelled source of faces."""
+
+    name: str
+    path: Path
+    weight: float = 1.0
+    """Share of the training draws (normalised over the training sources)."""
+    soft_labels: Path | None = None
+    """FER+ votes CSV (``ferplus_votes.csv``): targets mix the label and the vote distribution."""
+    label_weight: float = 0.5
+    """With ``soft_labels``: weight of the label's one-hot in the target."""
+    root: Path | None = None
+    """List files: the folder the listed paths are relative to (default: the list file's folder)."""
+    one_based: bool = False
+    """List files: labels 1-7 (RAF-DB) instead of 0-6."""
+
+    @classmethod
+    def parse(cls, text: str) -> "Source":
+        """``name=path[,weight=W][,soft=CSV][,label_weight=X][,root=DIR][,one_based=1]``."""
+        name, path, options = parse_named(text, _OPTIONS)
+        src = cls(name, path, **{_FIELDS.get(k, k): v for k, v in options.items()})
+        if not (src.weight > 0 and math.isfinite(src.weight)):
+            raise ValueError(f"source {src.name!r}: weight must be positive, got {src.weight}")
+        return src
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data (for checkpoints loaded with ``weights_only=True``)."""
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+def source_dataset(src: Source, spec: Mapping[str, Any], face_crop: FaceCropFn | None = None) -> _EncodedImages:
+    """The images of one source, decoded through the one preprocessing contract (``spec``),
+    with soft targets when the source has votes."""
+    if src.path.is_file() and src.path.suffix.lower() != ".csv":
+        ds: _EncodedImages = ListFileDataset(src.root or src.path.parent, src.path, spec, src.one_based, face_crop)
+    else:
+        ds = image_dataset(src.path, spec, face_crop)
+    if src.soft_labels:
+        ds.targets = soft_targets(ds.files, ds.labels, read_votes(src.soft_labels), src.label_weight)
+    return ds
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How a run loads its data (not what it loads)."""
+
+    subset: int = 0
+    """Use only this many training items per epoch (smoke runs; 0 = all)."""
+    seed: int = 0
+    cache: bool = False
+    """Decode the datasets into memory once."""
+    workers: int = 2
+    """Data-loading processes."""
+
+
+class MultiSourceDataset(Dataset):
+    """Several sources as one: items are ``(uint8 image, (K,) target distribution, source index)``."""
+
+    def __init__(self, datasets: Sequence[_EncodedImages], names: Sequence[str]) -> None:
+        if len(datasets) != len(names) or not datasets:
+            raise ValueError("one name per source dataset, at least one source")
+        self.datasets, self.names = list(datasets), list(names)
+        self.ends = [0]
+        for ds in self.datasets:
+            self.ends.append(self.ends[-1] + len(ds))
+        self.labels = [c for ds in self.datasets for c in ds.labels]
+        self.source_of = [s for s, ds in enumerate(self.datasets) for _ in range(len(ds))]
+
+    def __len__(self) -> int:
+        return self.ends[-1]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        s = bisect.bisect_right(self.ends, i) - 1
+        x, y = self.datasets[s][i - self.ends[s]]
+        if not isinstance(y, torch.Tensor) or y.dim() == 0:
+            y = torch.nn.functional.one_hot(torch.as_tensor(y), len(LABELS)).float()
+        return x, y, s
+
+    def class_counts(self) -> list[int]:
+        return class_counts(self.labels)
+
+    def source_counts(self) -> list[list[int]]:
+        """Per source, the class counts."""
+        return [ds.class_counts() for ds in self.datasets]
+
+
+def draw_weights(ds: MultiSourceDataset, source_weights: Sequence[float], class_power: float = 0.0) -> torch.Tensor:
+    """Per-item draw probabilities: source ``s`` gets ``weight_s / sum(weights)`` of the draws;
+    within it an item of class ``c`` is drawn in proportion to ``count_s(c) ** -class_power``
+    (0: as the source has them, 1: every class alike)."""
+    total = float(sum(source_weights))
+    out = torch.empty(len(ds), dtype=torch.float64)
+    for s, counts in enumerate(ds.source_counts()):
+        per_class = [float(n) ** -class_power if n else 0.0 for n in counts]
+        mass = sum(per_class[c] * counts[c] for c in range(len(counts)))
+        for i in range(ds.ends[s], ds.ends[s + 1]):
+            out[i] = source_weights[s] / total * per_class[ds.labels[i]] / mass
+    return out
+
+
+def sampled_priors(ds: MultiSourceDataset, class_power: float = 0.0) -> torch.Tensor:
+    """``(S, K)``: the class prior of each source's draws (``count ** (1 - class_power)``, normalised)."""
+    counts = torch.tensor(ds.source_counts(), dtype=torch.float64)
+    p = torch.where(counts > 0, counts.clamp(min=1) ** (1 - class_power), torch.zeros_like(counts))
+    return p / p.sum(1, keepdim=True)
+
+
+def logit_adjustment(ds: MultiSourceDataset, class_power: float, reference: int, tau: float = 1.0) -> torch.Tensor:
+    """``(S, K)`` offsets added to the logits of source ``s``'s items in the loss:
+    ``tau * (log p_s - log p_ref)``, ``p_s`` the prior of its draws and ``p_ref`` the reference
+    source's own class prior. The network then learns the reference prior from every source (Menon
+    et al., ICLR 2021, logit adjustment, here toward a chosen prior rather than a uniform one)."""
+    floor = 0.5 / max(len(ds), 1)  # a class a source lacks: a finite, large offset
+    p = sampled_priors(ds, class_power).clamp(min=floor)
+    ref = sampled_priors(ds, 0.0)[reference].clamp(min=floor)
+    return (tau * (p.log() - ref.log())).float()
+
+
+class SourceSampler(Sampler[int]):
+    """Draws ``num_samples`` item indices per epoch with replacement by ``weights``: the same draw on
+    every rank (seeded by ``seed`` and the epoch), each rank taking its own share (DDP)."""
+
+    def __init__(self, weights: torch.Tensor, num_samples: int, rank: int = 0, world: int = 1, seed: int = 0) -> None:
+        self.weights, self.rank, self.world, self.seed = weights, rank, world, seed
+        self.per_rank = max(1, num_samples // world)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        draw = torch.multinomial(self.weights, self.per_rank * self.world, replacement=True, generator=g)
+        return iter(draw[self.rank::self.world].tolist())
+
+
+def check_best_rule(rule: str, names: Sequence[str]) -> str:
+    """``rule`` if it is one of ``BEST_RULES`` or a validation source's name; ValueError otherwise."""
+    if rule not in BEST_RULES and rule not in names:
+        raise ValueError(f"best rule {rule!r}: choose {' or '.join(BEST_RULES)} or a validation source "
+                         f"({', '.join(names)})")
+    return rule
+
+
+def best_score(scores: Mapping[str, float], rule: str) -> float:
+    """The figure the best epoch maximises: the mean or the minimum over the validation
+    sources, or one named source's."""
+    if rule == "mean":
+        return sum(scores.values()) / len(scores)
+    if rule == "min":
+        return min(scores.values())
+    return scores[rule]
+
+
+@dataclass
+class SourceLoaders:
+    """What a multi-source run trains and validates on."""
+
+    train: DataLoader
+    """Batches of ``(image, target distribution, source index)`` drawn by the sources' weights."""
+    val: dict[str, DataLoader]
+    """Per validation source, batches of ``(image, label)``."""
+    class_counts: list[int]
+    """Training images per class over all sources."""
+    logit_adjust: list[list[float]] | None
+    """Per source and class, the offset added to the logits in the loss (``FitConfig.logit_adjust``)."""
+
+
+def multi_source_loaders(train: Sequence[Source], val: Sequence[Source], spec: Mapping[str, Any], opts: LoadOptions,
+                         batch_size: int, class_sampling: str = "none", logit_adjust: float = 0.0,
+                         prior_ref: str | None = None, best_rule: str = "mean", rank: int = 0, world: int = 1,
+                         pin_memory: bool = False) -> SourceLoaders:
+    """Loaders over several training sources (drawn by weight, optionally class-balanced within
+    each) and several named validation sources. ValueError names a bad rule or reference source."""
+    names = [s.name for s in train]
+    if len(set(names)) != len(names) or len({s.name for s in val}) != len(val):
+        raise ValueError("source names must be unique")
+    check_best_rule(best_rule, [s.name for s in val])
+    power = CLASS_SAMPLING[class_sampling]
+    ds = MultiSourceDataset([source_dataset(s, spec) for s in train], names)
+    for s, counts in zip(train, ds.source_counts()):
+        log.info("source %s: %d images %s, weight %.3g", s.name, sum(counts), counts, s.weight)
+    adjust = None
+    if logit_adjust:
+        ref = prior_ref or names[0]
+        if ref not in names:
+            raise ValueError(f"prior reference {ref!r} is not a training source ({', '.join(names)})")
+        adjust = logit_adjustment(ds, power, names.index(ref), logit_adjust).tolist()
+    sampler = SourceSampler(draw_weights(ds, [s.weight for s in train], power), opts.subset or len(ds), rank,
+                            world, opts.seed)
+    vals: dict[str, Dataset] = {s.name: source_dataset(s, spec) for s in val}
+    tr: Dataset = ds
+    if opts.cache:
+        tr, vals = cache_in_memory(ds, opts.workers), {k: cache_in_memory(v, opts.workers) for k, v in vals.items()}
+    workers = 0 if opts.cache else opts.workers
+    train_loader = DataLoader(tr, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=True,
+                              pin_memory=pin_memory, persistent_workers=workers > 0)
+    val_loaders = {k: DataLoader(v, batch_size=256, num_workers=workers) for k, v in vals.items()}
+    return SourceLoaders(train_loader, val_loaders, ds.class_counts(), adjust)
