@@ -236,3 +236,15 @@ def test_evaluate_prints_one_table_for_several_sets(tmp_path: Path):
     bad = subprocess.run([sys.executable, "-m", "training.evaluate", "--weights", str(weights),
                           "--set", f"fer={GREY},detect=sometimes"], cwd=REPO, capture_output=True, text=True)
     assert bad.returncode != 0 and "'sometimes' is not one of auto, always" in bad.stderr
+
+
+def test_calibration_pools_several_validation_sets(tmp_path: Path):
+    """``training.calibrate --data A B``: one temperature fitted on the blended val."""
+    from training.calibrate import get_args_parser, main as calibrate
+    torch.manual_seed(0)
+    save_weights(create_model("emo_resnet_s"), tmp_path / "w.pth")
+    report = calibrate(get_args_parser().parse_args(
+        ["--weights", str(tmp_path / "w.pth"), "--data", str(GREY), str(COLOUR), "--out", str(tmp_path / "c.pth"),
+         "--workers", "0"]))
+    assert report["data"] == f"{GREY} + {COLOUR}"
+    assert load_checkpoint(tmp_path / "c.pth")["metrics"]["n"] == 28

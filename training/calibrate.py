@@ -7,6 +7,8 @@ calibration error, and write the weights with ``spec.extra["temperature"]`` (and
 
     python -m training.calibrate --weights runs/fer/best.pth --data ../shared/data/fer2013/val \
         --out pretrain/emotion_image.pth --reliability-png pretrain/reliability_image_fer2013_val.png
+    python -m training.calibrate --weights runs/wild/best.pth --data ../shared/data/fer2013/val \
+        ../shared/data/affectnet/val --out runs/wild/calibrated.pth      # the blended val
 
 Every figure is also measured with the calibration fitted on one half of the data and scored on
 the other (``*_2fold``): the class bias can move the top-1 answer, so its gain on the data it was
@@ -22,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import ConcatDataset, DataLoader
 
 from model_defs import load_checkpoint, load_model, metadata, save_weights
 
@@ -37,7 +39,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Calibrate an image model's probabilities (temperature scaling)",
                                 add_help=add_help)
     p.add_argument("--weights", required=True)
-    p.add_argument("--data", required=True, help="validation ImageFolder tree")
+    p.add_argument("--data", required=True, nargs="+",
+                   help="validation ImageFolder tree(s); several are pooled (e.g. FER2013 val and AffectNet val: "
+                        "the blended val a multi-source model is calibrated on)")
     p.add_argument("--out", required=True, help="where to write the weights with the calibrated spec")
     p.add_argument("--tta-flip", choices=("off", "on", "auto"), default="off",
                    help="mirror averaging at test time (spec extra.tta_flip; export compiles it in, "
@@ -129,7 +133,9 @@ def main(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     model = load_model(args.weights)
     _set_scales(model, args.tta_scales)
-    loader = DataLoader(image_dataset(args.data, model.spec.to_dict()), batch_size=256, num_workers=args.workers)
+    data = ConcatDataset([image_dataset(d, model.spec.to_dict()) for d in args.data])
+    loader = DataLoader(data, batch_size=256, num_workers=args.workers)
+    where = " + ".join(args.data)
     flips = {"off": (False,), "on": (True,), "auto": (False, True)}[args.tta_flip]
     scored = {flip: collect_logits(model, loader, flip) for flip in flips}
     held_out_by_flip = {f: crossval(lg, lb, args.class_bias) for f, (lg, lb) in scored.items()}
@@ -140,7 +146,7 @@ def main(args: argparse.Namespace) -> dict:
     t, bias = fit_calibration(logits, labels, args.class_bias)
     names = list(model.spec.labels)
     before, after = _summary(logits, labels, names), _summary(logits / t + bias, labels, names)
-    report = {"data": str(args.data), "tta_flip": flip,
+    report = {"data": where, "tta_flip": flip,
               "tta_scales": model.spec.extra.get("tta_scales", [1.0]), "temperature": t, "class_bias": bias.tolist(),
               "ece_bins": ECE_BINS, "ece_before": before["ece"], "ece_after": after["ece"],
               "ece_after_2fold": held_out["ece"], "nll_before": before["nll"], "nll_after": after["nll"],
@@ -163,7 +169,7 @@ def main(args: argparse.Namespace) -> dict:
     meta["metrics"] = {k: after[k] for k in ("acc", "acc_top3", "n", "per_class", "confusion")}
     save_weights(model, args.out, **meta)
     if args.reliability_png:
-        title = (f"{model.spec.arch} on {args.data}: ECE {report['ece_before']:.3f} -> "
+        title = (f"{model.spec.arch} on {where}: ECE {report['ece_before']:.3f} -> "
                  f"{report['ece_after']:.3f} (T={t:.2f})")
         bins = [calibration_bins(lg.softmax(-1), labels) for lg in (logits, logits / t + bias)]
         reliability_figure(*bins, title).savefig(args.reliability_png, dpi=100)
