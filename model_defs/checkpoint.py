@@ -106,3 +106,18 @@ def unwrap(model: nn.Module) -> nn.Module:
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):
         model = getattr(model, "module", None) or getattr(model, "_orig_mod")
     return model
+
+
+def adapt_input_channels(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """``state_dict`` with its first convolution fitted to ``model``'s input channels: a grey
+    filter spread evenly over three colour channels (exact for a grey image copied to three), or
+    colour filters summed into one grey channel. Other tensors are returned as they are."""
+    own = model.state_dict()
+    out = dict(state_dict)
+    for key, w in state_dict.items():
+        target = own.get(key)
+        if target is None or w.dim() != 4 or target.dim() != 4 or w.shape == target.shape:
+            continue
+        if w.shape[0] == target.shape[0] and w.shape[2:] == target.shape[2:] and {w.shape[1], target.shape[1]} == {1, 3}:
+            out[key] = w.expand(-1, 3, -1, -1) / 3 if target.shape[1] == 3 else w.sum(1, keepdim=True)
+    return out

@@ -1,7 +1,7 @@
 """Labels and the preprocessing spec that travels with every set of weights."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 LABELS: tuple[str, ...] = ("angry", "disgust", "fear", "happy", "neutral", "sad", "surprise")
@@ -40,3 +40,15 @@ class ModelSpec:
                 d[key] = tuple(d[key])
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def with_channels(spec: ModelSpec, channels: int) -> ModelSpec:
+    """``spec`` for grey (1) or colour (3) input; the normalisation is shared by the channels
+    (grey's statistics copied to each, or colour's averaged), so that a network whose first layer
+    is adapted by :func:`model_defs.checkpoint.adapt_input_channels` answers a grey face alike."""
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 (grey) or 3 (colour), not {channels}")
+    if channels == spec.channels:
+        return spec
+    mean, std = sum(spec.mean) / len(spec.mean), sum(spec.std) / len(spec.std)
+    return replace(spec, channels=channels, mean=(mean,) * channels, std=(std,) * channels)

@@ -248,3 +248,29 @@ def test_calibration_pools_several_validation_sets(tmp_path: Path):
          "--workers", "0"]))
     assert report["data"] == f"{GREY} + {COLOUR}"
     assert load_checkpoint(tmp_path / "c.pth")["metrics"]["n"] == 28
+
+
+def test_a_grey_start_becomes_a_colour_network_that_answers_grey_faces_alike(tmp_path: Path):
+    """``training.run --channels 3 --init grey.pth``: the first layer is spread over the colour
+    channels, so before training the colour network answers a grey face as the grey one did."""
+    from model_defs import adapt_input_channels, load_model, with_channels
+    torch.manual_seed(0)
+    grey = create_model("emo_mobilenet_v2").eval()
+    save_weights(grey, tmp_path / "grey.pth")
+    spec = with_channels(grey.spec, 3)
+    assert spec.channels == 3 and spec.mean == grey.spec.mean * 3 and spec.std == grey.spec.std * 3
+    colour = create_model("emo_mobilenet_v2", spec)
+    colour.load_state_dict(adapt_input_channels(load_checkpoint(tmp_path / "grey.pth")["state_dict"], colour))
+    colour.eval()
+    x = torch.randn(2, 1, 64, 64)
+    assert torch.allclose(colour(x.expand(-1, 3, -1, -1)), grey(x), atol=1e-4)
+    r = subprocess.run([sys.executable, "-m", "training.run", "--model", "emo_mobilenet_v2", "--channels", "3",
+                        "--init", str(tmp_path / "grey.pth"), "--source", f"affectnet={COLOUR}",
+                        "--val-source", f"affectnet={COLOUR}", "--epochs", "1", "-b", "7", "--workers", "0",
+                        "--threads", "1", "--lr", "1e-9", "--output-dir", str(tmp_path / "run")],
+                       cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    trained = load_model(tmp_path / "run" / "best.pth")
+    assert trained.spec.channels == 3 and trained.features[0][0].weight.shape[1] == 3
+    x3 = to_uint8(Image.open(next(COLOUR.rglob("*.jpg"))), trained.spec.to_dict())
+    assert x3.shape == (3, 64, 64) and not torch.equal(x3[0], x3[1])  # colour reaches the network

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from model_defs import DEFAULT_MODEL, create_model, default_spec, list_models, load_checkpoint
+from model_defs import (DEFAULT_MODEL, adapt_input_channels, create_model, default_spec, list_models, load_checkpoint,
+                        with_channels)
 
 from .augment import AugmentConfig
 from .datasets import ImageFolderDataset, cache_in_memory, random_subset
@@ -106,6 +107,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--input-size", type=int, default=0,
                    help="input side in pixels (0: the network's own); a fully convolutional network can "
                         "be fine-tuned at a larger size from --init weights")
+    p.add_argument("--channels", type=int, choices=(1, 3), default=0,
+                   help="input channels, 1 grey or 3 colour (0: the network's own); --init weights of the other "
+                        "kind are adapted (a grey first layer spread over colour answers grey faces alike)")
     p.add_argument("--cache", action="store_true", help="decode the datasets into memory once")
     p.add_argument("-j", "--workers", type=int, default=2, help="data-loading processes")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
@@ -227,6 +231,8 @@ def main(args: argparse.Namespace) -> dict:
     spec = default_spec(name)
     if args.input_size:
         spec = dataclasses.replace(spec, input_size=args.input_size)
+    if args.channels:
+        spec = with_channels(spec, args.channels)
     model = create_model(name, spec, **({"pretrained": True} if args.pretrained else {}))
     if args.init:
         init = load_checkpoint(args.init)
@@ -234,7 +240,8 @@ def main(args: argparse.Namespace) -> dict:
             model.load_frame_weights(init)  # the frame CNN starts from image weights
             log.info("frame CNN initialised from image weights %s", args.init)
         else:
-            log.info("initialised from %s (%s)", args.init, model.load_state_dict(init["state_dict"], strict=False))
+            state = adapt_input_channels(init["state_dict"], model)  # a grey start for a colour network
+            log.info("initialised from %s (%s)", args.init, model.load_state_dict(state, strict=False))
     if args.lp_loss > 0:
         try:
             lp_embedding(model)
