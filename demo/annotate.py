@@ -23,7 +23,7 @@ import av
 from PIL import Image
 from tqdm import tqdm
 
-from handlers.contract import DETECTION_MODES
+from handlers.contract import DETECTION_MODES, FACE_DETECTORS, IMAGE_DEFAULTS
 from handlers.preprocess import InputError, decode_image
 from handlers.video_decode import upright
 from model_defs import SHIPPED_WEIGHTS
@@ -138,6 +138,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--video-weights", type=Path, default=SHIPPED_WEIGHTS["video"], help="default: %(default)s")
     p.add_argument("--detection", choices=DETECTION_MODES, default="auto",
                    help="face detection, as the service's option (default: %(default)s)")
+    p.add_argument("--detector", choices=FACE_DETECTORS, default=IMAGE_DEFAULTS["detector"],
+                   help="the face detector, as the service's option (default: %(default)s)")
     p.add_argument("--explain", action="store_true",
                    help="a photo: draw each face's map (what the model looked at for its top label)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -161,7 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("-o %s: a %s is written as %s", out, "video" if video else "photo", want)
         return 2
     out.parent.mkdir(parents=True, exist_ok=True)
-    rec = Recognizer(None if video else args.image_weights, args.video_weights if video else None, args.detection)
+    rec = Recognizer(None if video else args.image_weights, args.video_weights if video else None, args.detection,
+                     detector=args.detector)
     try:
         if video:
             plot = args.timeline or timeline_path(out)

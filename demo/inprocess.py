@@ -96,10 +96,11 @@ class Recognizer:
     """The image and video networks and the face detector, loaded once."""
 
     def __init__(self, image_weights: str | os.PathLike | None, video_weights: str | os.PathLike | None,
-                 detection: str = "auto", device: str = "cpu") -> None:
+                 detection: str = "auto", device: str = "cpu", detector: str = str(IMAGE_DEFAULTS["detector"])) -> None:
         if detection not in ("auto", "always", "never"):
             raise ValueError(f"detection must be auto, always or never, not {detection!r}")
-        self.detection = detection
+        self.detection, self.detector = detection, detector
+        self._detectors: dict[str, face_ops.Detector] = {}  # per task, loaded on first use
         self.device = torch.device(device)
         self._paths = {"image": image_weights, "video": video_weights}
         self._models: dict[str, tuple[torch.nn.Module, dict]] = {}
@@ -109,6 +110,13 @@ class Recognizer:
         """The label order of the probabilities (the image model's; the video model's is the same)."""
         task = "image" if self._paths["image"] else "video"
         return list(self._model(task)[1]["labels"])
+
+    def _detector(self, task: str, options: dict, max_faces: int) -> face_ops.Detector:
+        """The task's face detector as its handler configures it (``self.detector`` chosen)."""
+        if task not in self._detectors:
+            self._detectors[task] = face_ops.detector_for({**options, "detector": self.detector}, self.device,
+                                                          max_faces=max_faces)
+        return self._detectors[task]
 
     def _model(self, task: str) -> tuple[torch.nn.Module, dict]:
         if task not in self._models:
@@ -134,9 +142,7 @@ class Recognizer:
         _, spec = self._model("image")
         detector = None
         if self.detection != "never":
-            detector = face_ops.FaceDetector(device=self.device, min_face_size=int(IMAGE_DEFAULTS["min_face_size"]),
-                                             max_faces=int(IMAGE_DEFAULTS["max_faces"]),
-                                             max_side=int(IMAGE_DEFAULTS["detect_max_side"]))
+            detector = self._detector("image", IMAGE_DEFAULTS, int(IMAGE_DEFAULTS["max_faces"]))
         margin = spec.get("face_margin")  # None/0: faces.DEFAULT_MARGIN
         crops = face_ops.faces_for_images([img], detector, self.detection, int(spec["input_size"]), margin,
                                           int(spec["channels"]))[0]
@@ -161,9 +167,7 @@ class Recognizer:
         options = {**VIDEO_DEFAULTS, "detection": self.detection}
         detector = None
         if self.detection != "never":
-            detector = face_ops.FaceDetector(device=self.device, max_faces=int(options["max_people"]),
-                                             min_face_size=int(options["min_face_size"]),
-                                             max_side=int(options["detect_max_side"]))
+            detector = self._detector("video", options, int(options["max_people"]))
         pipeline = VideoPipeline(spec, options, detector)
         req = run_one(pipeline, data, lambda x: self._score("video", x))
         result = VideoResult(req.info)

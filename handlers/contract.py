@@ -19,6 +19,11 @@ DETECTION_MODES: tuple[str, ...] = get_args(DetectionMode)
 """Face detection: ``auto`` (faces, or the whole image when it is a face crop or has none),
 ``always`` (faces only) and ``never`` (the whole image)."""
 
+FaceDetectorName = Literal["retinaface", "mtcnn"]
+FACE_DETECTORS: tuple[str, ...] = get_args(FaceDetectorName)
+"""The handler option ``detector`` (``handlers/faces.py`` ``make_detector``): RetinaFace-MobileNet0.25,
+one batched forward pass (the default, bench/README.md "Face detectors"), or MTCNN."""
+
 CpuGraph = Literal["onednn", "mkldnn", "off"]
 CPU_GRAPHS: tuple[str, ...] = get_args(CpuGraph)
 """The handler option ``optimize``, the graph a model runs on the CPU (``handlers/cpu_graph.py``):
@@ -47,6 +52,7 @@ IMAGE_DEFAULTS: Mapping[str, Any] = MappingProxyType({
     "topk": 3,
     "threads": 0,  # 0: the usable cores (affinity, cgroup CPU limit) shared among maxWorkers workers
     "detection": "auto",
+    "detector": FACE_DETECTORS[0],
     "min_face_size": 20,  # pixels, in the image as detection sees it
     "max_faces": 20,  # per image
     "detect_max_side": MAX_DETECT_SIDE,
@@ -74,6 +80,7 @@ VIDEO_DEFAULTS: Mapping[str, Any] = MappingProxyType({
     "window_stride": 2.0,
     "max_windows": 30,
     "detection": "auto",  # faces tracked through the video (the whole frame if it is one face crop)
+    "detector": FACE_DETECTORS[0],
     "min_face_size": 20,  # pixels, in the frame as detection sees it (detect_max_side)
     "detect_max_side": VIDEO_DETECT_MAX_SIDE,
     # faces are detected on every keyframe_every-th sampled frame and tracked between keyframes;

@@ -176,7 +176,8 @@ def crop_corners(face: faces.Face | None, box: Sequence[float], size: int,
         x0, y0, x1, y1 = (float(v) for v in box)
         pts = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], np.float64)
     else:
-        m, t = faces.similarity_transform(face.landmarks, faces.template_points(size, margin))
+        m, t = faces.similarity_transform(face.landmarks,
+                                          faces.template_points(size, margin, detector=face.detector))
         square = np.array([[0, 0], [size, 0], [size, size], [0, size]], np.float64)
         pts = (square - t) @ np.linalg.inv(m).T
     return [[round(float(x), 1), round(float(y), 1)] for x, y in pts]

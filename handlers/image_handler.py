@@ -1,6 +1,7 @@
 """TorchServe handler for the image model: encoded image(s) in, per-face top-3 emotions out.
 
-Faces are found with MTCNN and aligned to the model's crop layout (``handlers.faces``, the
+Faces are found by the configured detector (``detector``: retinaface, the default, or mtcnn;
+all images of a TorchServe batch in one detector call) and aligned to the model's crop layout (``handlers.faces``, the
 same code as ``training.evaluate --detect-faces``). Response per request::
 
     {"faces": [{"box": [x1, y1, x2, y2], "detected": true, "score": 0.999,
@@ -15,7 +16,7 @@ an image without a face gets ``{"faces": [], "detection": {..., "faces_detected"
 
 Options, from ``model-config.yaml``'s ``handler:`` section over the defaults in
 ``handlers/contract.py`` (``IMAGE_DEFAULTS``, which the archive's YAML is written from):
-``detection`` (auto | always | never), ``min_face_size`` (pixels), ``max_faces`` (per image),
+``detection`` (auto | always | never), ``detector`` (retinaface | mtcnn), ``min_face_size`` (pixels), ``max_faces`` (per image),
 ``detect_max_side`` (photos are downscaled to it for detection), ``max_pixels`` (larger images
 are answered 413), ``topk``, ``threads``, ``optimize`` (the CPU graph: onednn | mkldnn | off) and ``half``
 (float16 autocast on GPU; each kept only if it gives the plain model's output).
@@ -106,9 +107,9 @@ class EmotionImageHandler(BaseHandler):
         options = common.handler_options(context, "image")
         self.topk = int(options["topk"])
         self.detection = parse_detection(options["detection"])
+        self.detector_options = options
         self.min_face_size = int(options["min_face_size"])
         self.max_faces = int(options["max_faces"])
-        self.detect_max_side = int(options["detect_max_side"])
         self.max_pixels = int(options["max_pixels"])
         if self.min_face_size < 1 or self.max_faces < 1:
             raise ValueError(f"handler options: min_face_size {self.min_face_size} and "
@@ -130,24 +131,23 @@ class EmotionImageHandler(BaseHandler):
         self.half = (self.device.type == "cuda" and bool(options["half"])
                      and self._half_matches(example))
         self.face_margin = self.spec.get("face_margin")  # None/0: faces.DEFAULT_MARGIN
-        self._detector: faces.FaceDetector | None = None
+        self._detector: faces.Detector | None = None
         if self.detection != "never":  # fail at start-up, not on the first request
             self.detector()
         self._warm_up()
         self.batch_metrics = handler_metrics.BatchMetrics(None)  # replaced per batch
         self.batch_explain = explain.BatchExplanations()  # likewise
         self.initialized = True
-        logger.info("loaded %s (%s) on %s, %d threads, CPU graph %s, float16 %s; detection %s, "
+        logger.info("loaded %s (%s) on %s, %d threads, CPU graph %s, float16 %s; detection %s (%s), "
                     "min face %d px, max %d faces; explanations %s %dx%d", self.manifest["model"]["serializedFile"],
                     self.spec.get("arch"), self.device, torch.get_num_threads(), self.cpu_graph, self.half,
-                    self.detection, self.min_face_size, self.max_faces, self.explainer.method,
+                    self.detection, options["detector"], self.min_face_size, self.max_faces, self.explainer.method,
                     self.explainer.grid, self.explainer.grid)
 
-    def detector(self) -> faces.FaceDetector:
-        """The MTCNN detector on the worker's device (created on first use)."""
+    def detector(self) -> faces.Detector:
+        """The configured face detector on the worker's device (created on first use)."""
         if self._detector is None:
-            self._detector = faces.FaceDetector(device=self.device, min_face_size=self.min_face_size,
-                                                max_faces=self.max_faces, max_side=self.detect_max_side)
+            self._detector = faces.detector_for(self.detector_options, self.device)
         return self._detector
 
     def _half_matches(self, example: torch.Tensor, atol: float = 2e-2) -> bool:

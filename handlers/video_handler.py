@@ -70,11 +70,9 @@ class EmotionVideoHandler(BaseHandler):
         self.labels = list(self.spec["labels"])
         detector = None
         if str(opts["detection"]) != "never":
-            # frames are downscaled to detect_max_side for detection (MTCNN's cost grows with the
+            # frames are downscaled to detect_max_side for detection (its cost grows with the
             # pixels); up to max_people faces per frame are kept and tracked
-            detector = faces.FaceDetector(device=self.device, max_faces=int(opts["max_people"]),
-                                          min_face_size=int(opts["min_face_size"]),
-                                          max_side=int(opts["detect_max_side"]))
+            detector = faces.detector_for(opts, self.device, max_faces=int(opts["max_people"]))
         self.pipeline = video_pipeline.VideoPipeline(self.spec, opts, detector)
         self.limits = self.pipeline.limits
         self.clip_len = self.pipeline.clip_len

@@ -47,7 +47,7 @@ class VideoPipeline:
     (``contract.VIDEO_DEFAULTS`` where ``options`` leaves one out)."""
 
     def __init__(self, spec: Mapping[str, Any], options: Mapping[str, Any],
-                 detector: faces.FaceDetector | None) -> None:
+                 detector: faces.Detector | None) -> None:
         o = {**VIDEO_DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
         self.spec = dict(spec)
         self.labels = list(spec["labels"])

@@ -113,14 +113,15 @@ def _predict(t: Track, frame: int) -> Face:
         return last
     a, b = t.detected[-2], t.detected[-1]
     k = (frame - b) / (b - a)
-    return Face([x + (x - y) * k for x, y in zip(last.box, t.faces[a].box)], last.score, last.landmarks)
+    return Face([x + (x - y) * k for x, y in zip(last.box, t.faces[a].box)], last.score, last.landmarks,
+                last.detector)
 
 
 def interpolate(a: Face, b: Face, t: float) -> Face:
     """The face a fraction ``t`` of the way from ``a`` to ``b`` (box, landmarks and score)."""
     box = [x + (y - x) * t for x, y in zip(a.box, b.box)]
     pts = [[p[0] + (q[0] - p[0]) * t, p[1] + (q[1] - p[1]) * t] for p, q in zip(a.landmarks, b.landmarks)]
-    return Face(box, min(a.score, b.score), pts)
+    return Face(box, min(a.score, b.score), pts, a.detector)
 
 
 class KeyframeTracker:

@@ -1,4 +1,5 @@
-"""Face detection and alignment (handlers/faces.py) on real photos.
+"""Face detection and alignment (handlers/faces.py) on real photos, with each detector
+(RetinaFace and MTCNN: the tests that take ``detector`` run once per detector).
 
 Expected boxes were checked by eye once (boxes drawn on the fixtures and looked at).
 """
@@ -23,6 +24,9 @@ GROUP_BOXES = [[713.4, 279.8, 764.0, 352.3], [476.8, 231.5, 516.1, 281.9],
                [284.7, 178.4, 323.1, 226.0], [78.0, 220.1, 114.1, 265.3]]
 # A half-hidden face 19 px wide next to the second one: at the minimum size, may or may not count.
 GROUP_SMALL_BOX = [452.5, 228.1, 471.7, 257.3]
+# A man in glasses half-hidden behind the second face, turned away (a profile), 34x45 px:
+# RetinaFace finds him, MTCNN does not (checked by eye).
+GROUP_PROFILE_BOX = [520.7, 222.5, 554.9, 267.3]
 # photo_tight.jpg: 350x350 news photo that the face fills (still a photo: auto aligns its face).
 TIGHT_BOX = [45.5, 15.9, 306.0, 350.0]
 
@@ -45,11 +49,11 @@ def load(name: str) -> Image.Image:
     return Image.open(PHOTOS / name).convert("RGB")
 
 
-@pytest.fixture(scope="module")
-def detector() -> F.FaceDetector:
+@pytest.fixture(scope="module", params=F.FACE_DETECTORS)
+def detector(request) -> F.Detector:
     import torch
     torch.set_num_threads(2)
-    return F.FaceDetector(device="cpu")
+    return F.make_detector(request.param, device="cpu")
 
 
 def test_single_face(detector):
@@ -70,14 +74,16 @@ def test_several_faces_sorted_and_capped(detector):
     for expected in GROUP_BOXES:
         assert max(iou(f.box, expected) for f in faces) >= 0.5, expected
     extra = [f for f in faces if max(iou(f.box, e) for e in GROUP_BOXES) < 0.5]
-    assert all(iou(f.box, GROUP_SMALL_BOX) >= 0.5 for f in extra), [f.box for f in extra]
+    assert all(max(iou(f.box, GROUP_SMALL_BOX), iou(f.box, GROUP_PROFILE_BOX)) >= 0.5 for f in extra), \
+        [f.box for f in extra]
     sizes = [f.size for f in faces]
     assert sizes == sorted(sizes, reverse=True)
     assert all(min(f.box[2] - f.box[0], f.box[3] - f.box[1]) >= 20 for f in faces)
 
-    capped = F.FaceDetector(max_faces=2, min_face_size=30).detect([img])[0]
+    capped = F.make_detector(detector.name, max_faces=2, min_face_size=30).detect([img])[0]
     assert len(capped) == 2
-    assert [max(range(4), key=lambda i: iou(f.box, GROUP_BOXES[i])) for f in capped] == [0, 1]
+    assert all(iou(c.box, f.box) > 0.8 for c, f in zip(capped, faces[:2]))  # the two largest
+    assert max(iou(capped[1].box, b) for b in GROUP_BOXES[1:3]) >= 0.5  # two faces of nearly one size
 
 
 def test_no_face(detector):
@@ -92,7 +98,7 @@ def test_no_face(detector):
 
 def test_batch_matches_one_by_one(detector):
     single, group = load("single_face.jpg"), load("group.jpg")
-    no_face = load("no_face.jpg").resize(single.size)  # same size as single: one MTCNN batch
+    no_face = load("no_face.jpg").resize(single.size)  # same size as single: one batch
     tiny = Image.new("RGB", (12, 12), (128, 128, 128))  # below the minimum face size
     batched = detector.detect([single, group, single.transpose(Image.FLIP_LEFT_RIGHT), no_face,
                                tiny])
@@ -122,7 +128,7 @@ def test_rotated_face_is_aligned_upright(detector):
     (again,) = detector.detect([padded])
     assert len(again) == 1
     assert abs(eye_angle(again[0])) < 5
-    want = F.template_points(160) + 40
+    want = F.template_points(160, detector=detector.name) + 40
     assert np.abs(np.array(again[0].landmarks) - want).max() < 160 * 0.08
 
 

@@ -245,7 +245,7 @@ def counting(handler):
 
 
 def test_group_photo_one_entry_per_face_sorted_by_size(handler, model_dir):
-    from tests.test_faces import GROUP_BOXES, GROUP_SMALL_BOX, iou
+    from tests.test_faces import GROUP_BOXES, GROUP_PROFILE_BOX, GROUP_SMALL_BOX, iou
 
     (answer,), status = run(handler, model_dir, [{"body": photo_bytes("group.jpg")}])
     assert status == [200]
@@ -254,13 +254,13 @@ def test_group_photo_one_entry_per_face_sorted_by_size(handler, model_dir):
     for expected in GROUP_BOXES:  # every verified face is there, in original pixels
         assert max(iou(f["box"], expected) for f in found) >= 0.5, expected
     extra = [f["box"] for f in found if max(iou(f["box"], e) for e in GROUP_BOXES) < 0.5]
-    assert all(iou(b, GROUP_SMALL_BOX) >= 0.5 for b in extra), extra
-    assert [iou(f["box"], e) >= 0.5 for f, e in zip(found, GROUP_BOXES)] == [True] * 4  # largest first
+    assert all(max(iou(b, GROUP_SMALL_BOX), iou(b, GROUP_PROFILE_BOX)) >= 0.5 for b in extra), extra
+    assert iou(found[0]["box"], GROUP_BOXES[0]) >= 0.5  # largest first
     sizes = [box_size(f["box"]) for f in found]
     assert sizes == sorted(sizes, reverse=True)
     for f in found:
         assert list(f) == ["box", "detected", "score", "landmarks", "top3"]
-        assert f["detected"] is True and 0.9 <= f["score"] <= 1.0
+        assert f["detected"] is True and 0.8 <= f["score"] <= 1.0  # RetinaFace keeps >= 0.8
         assert len(f["landmarks"]) == 5 and all(len(p) == 2 for p in f["landmarks"])
         x1, y1, x2, y2 = f["box"]
         cx, cy = sum(p[0] for p in f["landmarks"]) / 5, sum(p[1] for p in f["landmarks"]) / 5

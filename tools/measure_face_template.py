@@ -1,13 +1,16 @@
 """Measure the FER2013 face layout that handlers/faces.py aligns to.
 
-Runs MTCNN on FER2013 crops upscaled to --upscale px and edge-padded by --pad px (so that
+Runs a face detector (``--detector``: mtcnn, retinaface) on FER2013 crops upscaled to --upscale px and edge-padded by --pad px (so that
 boxes are not clipped at the crop border), keeps one confident face per crop and
 prints the mean landmark layout (FACE_TEMPLATE), the mean face size (FER_FACE_SIZE), the
 resulting margin and the face-box coverage of the crops. Then it checks the
 constants in handlers/faces.py: the similarity taking each crop's landmarks to the template
 should be close to the identity.
 
-    .venv/bin/python tools/measure_face_template.py --data ../shared/data/fer2013/val
+    .venv/bin/python tools/measure_face_template.py --data ../shared/data/fer2013/val [--detector retinaface]
+
+For a detector other than MTCNN the layout is also printed in MTCNN's face-size units
+(FER_FACE_SIZE of the crop side), the units of ``faces.TEMPLATES``: that is its template.
 """
 from __future__ import annotations
 
@@ -33,14 +36,15 @@ def main() -> None:
     p.add_argument("--min-score", type=float, default=0.95)
     p.add_argument("--limit", type=int, default=0, help="use at most this many crops (0 = all)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--detector", default="mtcnn", choices=F.FACE_DETECTORS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
-    paths = sorted(Path(args.data).glob("*/*.jpg"))
+    paths = sorted(q for q in Path(args.data).glob("*/*") if q.suffix.lower() in (".jpg", ".png"))
     if args.limit:
         paths = paths[::max(1, len(paths) // args.limit)][:args.limit]
     s = args.upscale
-    det = F.FaceDetector(min_face_size=s // 4, max_faces=1)
+    det = F.make_detector(args.detector, min_face_size=s // 4, max_faces=1)
     lms, sizes, cover, boxes = [], [], [], []
     for start in range(0, len(paths), 64):
         imgs = [pad(Image.open(q).convert("RGB").resize((s, s), Image.BICUBIC), args.pad)
@@ -71,12 +75,17 @@ def main() -> None:
     print("FACE_TEMPLATE (symmetrized) =")
     for row in (template + mirrored) / 2:
         print(f"    [{row[0]:.4f}, {row[1]:.4f}],")
+    if args.detector != "mtcnn":
+        print(f"{args.detector} template in MTCNN face units (crop side / FER_FACE_SIZE {F.FER_FACE_SIZE}):")
+        layout = (lms.mean(0) - 0.5) / F.FER_FACE_SIZE
+        for row in (layout + layout[[1, 0, 2, 4, 3]] * [-1, 1]) / 2:
+            print(f"    [{row[0]:.4f}, {row[1]:.4f}],")
     print(f"box coverage of the crop: median {np.median(cover):.2f}, "
           f"5th pct {np.percentile(cover, 5):.2f}, 1st pct {np.percentile(cover, 1):.2f}")
 
     # Check the constants in handlers/faces.py: per crop, the similarity taking its landmarks
     # (in 48 px coordinates) to the 48 px template should be ~identity.
-    dst = F.template_points(48)
+    dst = F.template_points(48, detector=args.detector)
     sc, ang, sh = [], [], []
     for lm in lms * 48:
         m, t = F.similarity_transform(lm, dst)

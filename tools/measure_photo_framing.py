@@ -9,7 +9,7 @@ tools/measure_face_template.py. Also prints the spread of the photo crops (the d
 noise after alignment), which the training crop jitter (training.augment) should cover.
 
     .venv/bin/python tools/measure_photo_framing.py --photos ../shared/data/photos/images \
-        --fer ../shared/data/fer2013/val --limit 600
+        --fer ../shared/data/fer2013/val --limit 600 [--detector retinaface]
 """
 from __future__ import annotations
 
@@ -59,6 +59,9 @@ def main() -> None:
     p.add_argument("--margin", type=float, default=None, help="alignment margin to check (default: DEFAULT_MARGIN)")
     p.add_argument("--y-shift", type=float, default=None, help="template shift to check (default: FACE_Y_SHIFT)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--detector", default="mtcnn", choices=F.FACE_DETECTORS,
+                   help="the detector whose faces are aligned from the photos (with its template); "
+                        "the measuring stick is MTCNN for both sets")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     det = F.FaceDetector(min_face_size=args.side // 4, max_faces=1)
@@ -67,7 +70,7 @@ def main() -> None:
         fer = fer[::max(1, len(fer) // args.limit)][:args.limit]
     fer_rows = framing(det, [Image.open(f) for f in fer], args.side, args.pad)
 
-    photo_det = F.FaceDetector()
+    photo_det = F.make_detector(args.detector)
     aligned = []
     photos = sorted(Path(args.photos).glob("*.jpg"))
     for path in photos:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from handlers.contract import VIDEO_DEFAULTS
-from handlers.faces import FaceDetector
+from handlers.faces import detector_for
 from handlers.video_pipeline import VideoPipeline, is_frame_model, run_one
 from handlers.video_pool import POOLINGS, pooling_from_spec
 from model_defs import inference_model, load_model
@@ -52,9 +52,8 @@ def evaluate_videos(args: argparse.Namespace, weights: Path) -> dict[str, Any]:
     options = {**VIDEO_DEFAULTS, "detection": args.video_detection}
     if args.keyframe_every:
         options["keyframe_every"] = args.keyframe_every
-    detector = None if options["detection"] == "never" else FaceDetector(
-        device=args.device, max_faces=int(options["max_people"]), min_face_size=int(options["min_face_size"]),
-        max_side=int(options["detect_max_side"]))
+    detector = None if options["detection"] == "never" else detector_for(
+        options, args.device, max_faces=int(options["max_people"]))
     pipeline = VideoPipeline(spec, options, detector)
     clips = labelled_videos(args.data, args.labels_from_names, spec)
     names = list(spec["labels"])
