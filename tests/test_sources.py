@@ -274,3 +274,15 @@ def test_a_grey_start_becomes_a_colour_network_that_answers_grey_faces_alike(tmp
     assert trained.spec.channels == 3 and trained.features[0][0].weight.shape[1] == 3
     x3 = to_uint8(Image.open(next(COLOUR.rglob("*.jpg"))), trained.spec.to_dict())
     assert x3.shape == (3, 64, 64) and not torch.equal(x3[0], x3[1])  # colour reaches the network
+
+
+def test_a_source_can_be_framed_as_served(tmp_path: Path):
+    """``detect=auto``: a loose photo is detected and aligned first, as a served photo is."""
+    from training.datasets import detected_face_crop
+    (tmp_path / "happy").mkdir()
+    photo = REPO / "tests" / "fixtures" / "photos" / "single_face.jpg"
+    (tmp_path / "happy" / "p.jpg").write_bytes(photo.read_bytes())
+    whole = source_dataset(Source("web", tmp_path), MNV2)[0][0]
+    framed = source_dataset(Source.parse(f"web={tmp_path},detect=auto"), MNV2)[0][0]
+    served = to_uint8(detected_face_crop(MNV2, mode="auto")(Image.open(photo).convert("RGB")), MNV2)
+    assert torch.equal(framed, served) and not torch.equal(framed, whole)

@@ -27,7 +27,7 @@ from .datasets import detected_face_crop, image_dataset
 from .engine import evaluate_model
 from .ferplus import read_votes, with_ferplus_majority
 from .metrics import confusion_figure
-from .sources import parse_named
+from .sources import one_of, parse_named
 from .video_eval import evaluate_videos, markdown as video_markdown
 
 log = logging.getLogger("training.evaluate")
@@ -116,14 +116,8 @@ def score_images(model: torch.nn.Module, data: str | Path, device: str, detectio
     return out
 
 
-SET_OPTIONS = {"detect": lambda v: _choice(v, [m for m in DETECTION_MODES if m != "never"]), "ferplus": Path}
+SET_OPTIONS = {"detect": lambda v: one_of(v, [m for m in DETECTION_MODES if m != "never"]), "ferplus": Path}
 """``--set`` options: ``detect=auto|always`` (detection and alignment first), ``ferplus=CSV`` (crowd majority labels)."""
-
-
-def _choice(value: str, allowed: list[str]) -> str:
-    if value not in allowed:
-        raise ValueError(f"{value!r} is not one of {', '.join(allowed)}")
-    return value
 
 
 def _evaluate_sets(args: argparse.Namespace, model: torch.nn.Module, weights: Path) -> dict:

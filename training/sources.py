@@ -24,9 +24,10 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from handlers.contract import DETECTION_MODES
 from model_defs import LABELS
 
-from .datasets import FaceCropFn, ListFileDataset, _EncodedImages, cache_in_memory, image_dataset
+from .datasets import FaceCropFn, ListFileDataset, _EncodedImages, cache_in_memory, detected_face_crop, image_dataset
 from .ferplus import read_votes, soft_targets
 from .labelled_files import class_counts
 
@@ -37,9 +38,17 @@ CLASS_SAMPLING = {"none": 0.0, "sqrt": 0.5, "balanced": 1.0}
 BEST_RULES = ("mean", "min")
 """Rules over the validation sources' top-1 for the best epoch; a source's name picks that source alone."""
 _OPTIONS: dict[str, Callable[[str], Any]] = {"weight": float, "soft": Path, "label_weight": float, "root": Path,
-                                            "one_based": lambda v: v.lower() in ("1", "true", "yes")}
+                                            "one_based": lambda v: v.lower() in ("1", "true", "yes"),
+                                            "detect": lambda v: one_of(v, DETECTION_MODES)}
 _FIELDS = {"soft": "soft_labels"}
 """Option names that differ from the ``Source`` field they set."""
+
+
+def one_of(value: str, allowed: Sequence[str]) -> str:
+    """``value`` if it is one of ``allowed``; ValueError naming them otherwise."""
+    if value not in allowed:
+        raise ValueError(f"{value!r} is not one of {', '.join(allowed)}")
+    return value
 
 
 def parse_named(text: str, options: Mapping[str, Callable[[str], Any]]) -> tuple[str, Path, dict[str, Any]]:
@@ -77,10 +86,13 @@ class Source:
     """List files: the folder the listed paths are relative to (default: the list file's folder)."""
     one_based: bool = False
     """List files: labels 1-7 (RAF-DB) instead of 0-6."""
+    detect: str = "never"
+    """``auto``/``always``: each image goes through the served detection and alignment first (the
+    crop a served photo gets: loose web crops framed as the network sees faces at serving)."""
 
     @classmethod
     def parse(cls, text: str) -> "Source":
-        """``name=path[,weight=W][,soft=CSV][,label_weight=X][,root=DIR][,one_based=1]``."""
+        """``name=path[,weight=W][,soft=CSV][,label_weight=X][,root=DIR][,one_based=1][,detect=auto]``."""
         name, path, options = parse_named(text, _OPTIONS)
         src = cls(name, path, **{_FIELDS.get(k, k): v for k, v in options.items()})
         if not (src.weight > 0 and math.isfinite(src.weight)):
@@ -95,6 +107,8 @@ class Source:
 def source_dataset(src: Source, spec: Mapping[str, Any], face_crop: FaceCropFn | None = None) -> _EncodedImages:
     """The images of one source, decoded through the one preprocessing contract (``spec``),
     with soft targets when the source has votes."""
+    if face_crop is None and src.detect != "never":
+        face_crop = detected_face_crop(spec, mode=src.detect)
     if src.path.is_file() and src.path.suffix.lower() != ".csv":
         ds: _EncodedImages = ListFileDataset(src.root or src.path.parent, src.path, spec, src.one_based, face_crop)
     else:
