@@ -68,8 +68,13 @@ $(MODEL_STORE)/emotion_image.mar: $(STAMP) pretrain/emotion_image.pth $(wildcard
 $(MODEL_STORE)/emotion_video.mar: $(STAMP) pretrain/emotion_video.pth $(wildcard handlers/*.py export/*.py)
 	$(PY) -m export --task video --checkpoint pretrain/emotion_video.pth --out $(MODEL_STORE)
 
-# The video archive is built only when its weights exist.
-ARCHIVES := $(MODEL_STORE)/emotion_image.mar $(if $(wildcard pretrain/emotion_video.pth),$(MODEL_STORE)/emotion_video.mar)
+# The live model (handlers/live_handler.py: one frame per request of a sequence) is the video
+# model's per-frame network with TorchServe's sequence batching.
+$(MODEL_STORE)/emotion_live.mar: $(STAMP) pretrain/emotion_video.pth $(wildcard handlers/*.py export/*.py)
+	$(PY) -m export --task live --checkpoint pretrain/emotion_video.pth --out $(MODEL_STORE)
+
+# The video and live archives are built only when the video weights exist.
+ARCHIVES := $(MODEL_STORE)/emotion_image.mar $(if $(wildcard pretrain/emotion_video.pth),$(MODEL_STORE)/emotion_video.mar $(MODEL_STORE)/emotion_live.mar)
 MODELS := $(patsubst $(MODEL_STORE)/%,%,$(ARCHIVES))
 
 archives: $(ARCHIVES)

@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from handlers.contract import HANDLER_DEFAULTS
+from handlers.contract import HANDLER_DEFAULTS, LIVE_SEQUENCE_IDLE_MS, LIVE_SEQUENCES_PER_WORKER
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,7 @@ class TaskPackage:
 
     handler: str  # path relative to the repository root
     model_config: Mapping[str, Any] = field(default_factory=dict)  # model-config.yaml (TorchServe keys)
+    checkpoint_task: str = ""  # the task of the checkpoint it is built from ("": its own)
 
     def archive_name(self, task: str) -> str:
         return f"emotion_{task}"
@@ -59,6 +60,24 @@ TASKS: dict[str, TaskPackage] = {
 }
 
 
+STREAM_TASKS: dict[str, TaskPackage] = {
+    # one frame per request of a sequence (TorchServe's sequence batching), built from the video
+    # model's per-frame checkpoint; not in the KServe store: KServe's protocols carry no sequence id.
+    # A worker serves batchSize sequences at once (one poll per batch slot); maxNumSequence is
+    # batchSize x maxWorkers (model_config_for), beyond it TorchServe refuses a new sequence.
+    "live": TaskPackage(
+        handler="handlers/live_handler.py", checkpoint_task="video",
+        model_config={"minWorkers": 1, "maxWorkers": 1, "batchSize": LIVE_SEQUENCES_PER_WORKER,
+                      "maxBatchDelay": 5, "responseTimeout": 30, "startupTimeout": 120,
+                      "sequenceBatching": True, "sequenceMaxIdleMSec": LIVE_SEQUENCE_IDLE_MS,
+                      "maxSequenceJobQueueSize": 2},
+    ),
+}
+
+ALL_TASKS: dict[str, TaskPackage] = {**TASKS, **STREAM_TASKS}
+"""Every archive ``export`` builds: the request/response tasks and the streams."""
+
+
 def shared_handler_modules(handlers_dir: Path = HANDLERS_DIR) -> list[Path]:
     """The handler-side modules every archive carries (not ``__init__`` nor entry points)."""
     return sorted(p for p in handlers_dir.glob("*.py")
@@ -69,8 +88,13 @@ def model_config_for(task: str, overrides: Mapping[str, Any] | None = None,
                      handler_overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The ``model-config.yaml`` content for ``task`` with optional overrides: the task's
     TorchServe settings and, as its ``handler:`` section, the handler's defaults."""
-    cfg = {**TASKS[task].model_config, **(overrides or {})}
+    cfg = {**ALL_TASKS[task].model_config, **(overrides or {})}
+    if cfg.get("sequenceBatching"):
+        cfg["maxNumSequence"] = int(cfg["batchSize"]) * int(cfg["maxWorkers"])
     cfg["handler"] = {**HANDLER_DEFAULTS[task], **(handler_overrides or {})}
+    if cfg.get("sequenceBatching"):  # the handler keeps state for as many sequences as it is sent
+        cfg["handler"]["max_sequences"] = int(cfg["batchSize"])
+        cfg["handler"]["idle_seconds"] = int(cfg["sequenceMaxIdleMSec"]) / 1000
     return cfg
 
 
@@ -83,9 +107,9 @@ def build_archive(task: str, scripted_path: str | os.PathLike, spec: Mapping[str
                   out_dir: str | os.PathLike, version: str = "1.0",
                   model_config: Mapping[str, Any] | None = None) -> Path:
     """Write ``out_dir/emotion_<task>.mar`` holding the TorchScript file, handler and configs."""
-    if task not in TASKS:
-        raise KeyError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
-    pkg = TASKS[task]
+    if task not in ALL_TASKS:
+        raise KeyError(f"unknown task {task!r}; known: {', '.join(ALL_TASKS)}")
+    pkg = ALL_TASKS[task]
     handler = REPO / pkg.handler
     if not handler.is_file():
         raise FileNotFoundError(f"handler for task {task!r} not found: {handler}")

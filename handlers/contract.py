@@ -99,8 +99,55 @@ VIDEO_DEFAULTS: Mapping[str, Any] = MappingProxyType({
 })
 """The video handler's options (``handlers/video_handler.py``)."""
 
+LIVE_SEQUENCES_PER_WORKER = 8
+"""Live streams one worker of ``emotion_live`` holds at once: its TorchServe ``batchSize`` (the
+frontend's sequence batching polls one job group per batch slot, so a worker serves at most this
+many sequences) and the handler's own cap on the sequences it keeps state for."""
+
+LIVE_SEQUENCE_IDLE_MS = 20_000
+"""A live sequence that sends no frame for this long expires: TorchServe's ``sequenceMaxIdleMSec``
+(it drops the sequence and frees its slot) and the handler's idle expiry of its state."""
+
+LIVE_SEQUENCE_HEADER = "ts_request_sequence_id"
+"""The REST request header carrying a live sequence id (TorchServe's default; over gRPC,
+``StreamPredictions2``'s ``sequence_id`` field); TorchServe answers a new sequence's id in it."""
+
+LIVE_SEQUENCE_END_HEADER = "ts_request_sequence_end"
+"""The REST request header (over gRPC, the input) that closes a live sequence after its frame."""
+
+LIVE_MAX_FRAME_BYTES = 4 * 1024 * 1024
+"""Largest encoded frame a live request may send (413 above; the demo relay checks it too)."""
+
+LIVE_DEFAULTS: Mapping[str, Any] = MappingProxyType({
+    "topk": 3,
+    "threads": 0,
+    "max_bytes": LIVE_MAX_FRAME_BYTES,
+    "max_pixels": 1920 * 1080,  # per frame (413 above)
+    "detection": "auto",  # faces (the whole frame when it is a face crop already, or with "never")
+    "detector": FACE_DETECTORS[0],
+    "min_face_size": 20,  # pixels, in the frame as detection sees it (detect_max_side)
+    "detect_max_side": VIDEO_DETECT_MAX_SIDE,  # a 640x480 camera frame is detected as it is
+    # faces are detected on every keyframe_every-th frame of a sequence and their boxes carried
+    # forward (constant velocity, handlers/video_track.py) in between
+    "keyframe_every": 3,
+    "lost_after": 2,  # keyframes in a row without a person's face before the person is dropped
+    # the state bounds (handlers/live_state.py)
+    "max_people": 8,  # persons tracked per sequence; more faces are not followed
+    "max_history": 128,  # per-frame probabilities kept per person (12.8 s at 10 frames/s)
+    "max_sequences": LIVE_SEQUENCES_PER_WORKER,  # sequences with state per worker
+    "idle_seconds": LIVE_SEQUENCE_IDLE_MS / 1000,  # a sequence's state expires after this long idle
+    # the smoothed answer: the video model's pooling (spec extra.pooling, handlers/video_pool.py)
+    # over the person's frames of the last smooth_seconds, once there are min_frames of them
+    # (the plain mean before that)
+    "smooth_seconds": 4.0,
+    "min_frames": 8,
+    "pooling": "",  # "": the spec's own
+    "optimize": CPU_GRAPHS[0],
+})
+"""The live handler's options (``handlers/live_handler.py``): one frame per request of a sequence."""
+
 HANDLER_DEFAULTS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
-    {"image": IMAGE_DEFAULTS, "video": VIDEO_DEFAULTS})
+    {"image": IMAGE_DEFAULTS, "video": VIDEO_DEFAULTS, "live": LIVE_DEFAULTS})
 """Per task, the ``handler:`` section of its archive's ``model-config.yaml``."""
 
 # --- Kubernetes / KServe (deploy/; the store built by ``python -m deploy.kserve_store``) ------

@@ -30,8 +30,10 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from handlers.contract import DETECTION_MODES, FACE_DETECTORS, IMAGE_DEFAULTS
+from handlers.contract import DETECTION_MODES, FACE_DETECTORS, IMAGE_DEFAULTS, LIVE_DEFAULTS
 from handlers.faces import Detector, detector_for, largest_face
+from handlers.live_engine import LiveEngine, run_one as live_run_one
+from handlers.video_pipeline import is_frame_model
 from handlers.preprocess import decode_image, normalize, spec_uint8, to_model_input, to_rgb
 from handlers.video_decode import read_clip, sample_indices
 from model_defs import (DEFAULT_MODEL, LABELS, SHIPPED_WEIGHTS, CheckpointError, ModelSpec, create_model,
@@ -268,6 +270,35 @@ class EmotionRecognizer:
             out.update(zip(names, preds))
         return out
 
+    def recognize_stream(self, source: Any, fps: float = 10.0, **options: Any) -> Iterator[dict[str, Any]]:
+        """Live, per person: one answer per frame of a stream, as the ``emotion_live`` model gives
+        them (the same state, tracking, smoothing and bounds: ``handlers.live_engine``), in process.
+
+        ``source``: a video file or camera/stream address (read at ``fps``, as ``python -m
+        serving.live`` sends it), or an iterable of PIL images or ``(time_s, PIL image)`` pairs.
+        ``options`` override the live handler's (``handlers.contract.LIVE_DEFAULTS``: e.g.
+        ``smooth_seconds``, ``keyframe_every``). Needs a per-frame video model, as the shipped
+        one: ``EmotionRecognizer(model="emo_video_frames").recognize_stream("clip.mp4")``.
+        Each answer: ``{"frame", "time", "people": [{"id", "box", "top3", "frame_top3",
+        "probabilities", ...}]}``.
+        """
+        spec = self.spec.to_dict()
+        if not is_frame_model(spec):
+            raise ValueError(f"live streams need a per-frame video model, not {spec['arch']}: "
+                             f"EmotionRecognizer(model='emo_video_frames') (the shipped video model)")
+        opts = {**LIVE_DEFAULTS, "detection": self.face_detection, "detector": self.face_detector, **options}
+        engine = LiveEngine(spec, opts, None if opts["detection"] == "never" else
+                            detector_for(opts, self.device, max_faces=int(opts["max_people"])))
+
+        @torch.inference_mode()
+        def score(x: torch.Tensor) -> torch.Tensor:
+            self.net.eval()
+            return predict_logits(self.net, x.to(self.device), self._tta).float().softmax(-1).cpu()
+
+        for t, img in _stream_frames(source, fps):
+            yield live_run_one(engine, engine.frame(0, SDK_SEQUENCE, img, t), score)
+        engine.store.close(SDK_SEQUENCE)
+
     def model_input(self, x: torch.Tensor) -> torch.Tensor:
         """A batch in the SDK's tensor convention → the normalized float batch the model takes."""
         u8 = self.to_spec_uint8(x)
@@ -420,6 +451,22 @@ class EmotionRecognizer:
 
 
 # ---------------------------------------------------------------------- helpers
+
+SDK_SEQUENCE = "sdk"
+"""The sequence id of :meth:`EmotionRecognizer.recognize_stream`'s one stream."""
+
+
+def _stream_frames(source: Any, fps: float) -> Iterator[tuple[float, Image.Image]]:
+    """``(time s, PIL image)`` of a stream source (see :meth:`EmotionRecognizer.recognize_stream`)."""
+    if isinstance(source, (str, os.PathLike)):
+        from serving.live import file_frames, open_source  # here: only file and camera streams need PyAV
+
+        with open_source(str(source)) as container:
+            yield from file_frames(container, fps)
+        return
+    for k, item in enumerate(source):
+        yield item if isinstance(item, tuple) else (k / fps, item)
+
 
 class _Batches:
     """A loader seen through the SDK's conversion: ``(engine batch, target)`` pairs."""
