@@ -1,7 +1,8 @@
 """Serve the demo page (``demo/static/``) beside a running TorchServe: ``python -m demo.server``.
 
-The page posts photos, clips and webcam frames to ``/predictions/<model>`` on this server (and a
-photo to ``/explanations/<model>`` for its "why" maps),
+The page posts photos and clips to ``/predictions/<model>`` on this server (and a photo to
+``/explanations/<model>`` for its "why" maps) and webcam frames to ``/live`` (``demo/live_relay.py``:
+one live sequence per tab, one frame in flight, a frame-rate and size cap),
 which relays them to TorchServe's inference API with the inference key from ``key_file.json``
 (read at every request: TorchServe writes new keys at each start) and hands back TorchServe's
 status and JSON body unchanged. The page never sees the key.
@@ -32,10 +33,11 @@ from urllib.parse import urlsplit
 
 import requests
 
-from export.archive import TASKS
+from export.archive import ALL_TASKS, STREAM_TASKS
 from model_defs import LABELS
 from serving import read_properties
 
+from . import live_relay
 from .palette import LABEL_COLORS, WHY_ALPHA, WHY_FLOOR
 
 logger = logging.getLogger(__name__)
@@ -112,14 +114,14 @@ RELAYED_APIS = ("predictions", "explanations")
 
 
 def relay(settings: DemoSettings, model: str, body: bytes, content_type: str | None,
-          api: str = "predictions") -> tuple[int, bytes]:
+          api: str = "predictions", extra_headers: dict[str, str] | None = None) -> tuple[int, bytes]:
     """POST ``body`` to TorchServe's ``/<api>/<model>`` (``RELAYED_APIS``) with the inference key:
     (status, JSON body); TorchServe down or no key gives a 502/503 error body of our own."""
     try:
         key = read_key(settings.key_file)
     except LookupError as e:
         return 503, error_json(503, "NoInferenceKey", str(e))
-    headers = {"Authorization": f"Bearer {key}"}
+    headers = {"Authorization": f"Bearer {key}", **(extra_headers or {})}
     if content_type:
         headers["Content-Type"] = content_type
     if api not in RELAYED_APIS:
@@ -142,7 +144,9 @@ def make_handler(settings: DemoSettings) -> type[BaseHTTPRequestHandler]:
            "connect-src 'self'; style-src 'self'; script-src 'self'; object-src 'none'; "
            "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
     hosts = {f"{h}:{settings.port}" for h in (settings.host, "127.0.0.1", "localhost", "[::1]")}
-    predict_paths = {f"/{api}/{m}": (api, m) for api in RELAYED_APIS for m in settings.models.values()}
+    predict_paths = {f"/{api}/{m}": (api, m) for api in RELAYED_APIS
+                     for task, m in settings.models.items() if task not in STREAM_TASKS}
+    limiter = live_relay.TabLimiter()  # the live model only through /live: per tab, bounded
 
     class DemoHandler(BaseHTTPRequestHandler):
         server_version = "EmotionDemo"
@@ -158,6 +162,9 @@ def make_handler(settings: DemoSettings) -> type[BaseHTTPRequestHandler]:
             if not self._trusted():
                 return
             path = urlsplit(self.path).path
+            if path == live_relay.LIVE_PATH and "live" in settings.models:
+                self._live()
+                return
             if path not in predict_paths:
                 self._send(404, error_json(404, "NotFound", f"no such model here: {path}"), "application/json")
                 return
@@ -174,6 +181,30 @@ def make_handler(settings: DemoSettings) -> type[BaseHTTPRequestHandler]:
             body = self.rfile.read(length)
             api, model = predict_paths[path]
             status, data = relay(settings, model, body, self.headers.get("Content-Type"), api)
+            self._send(status, data, "application/json")
+
+        def _live(self) -> None:
+            """A webcam frame of one tab to the live model (demo/live_relay.py)."""
+            try:
+                length = int(self.headers.get("Content-Length", ""))
+            except ValueError:
+                self._send(411, error_json(411, "LengthRequired", "send a Content-Length"), "application/json")
+                return
+            problem = live_relay.check(self.headers, length)
+            if problem:
+                self._send(problem[0], error_json(*problem), "application/json", close=True)
+                return
+            body = self.rfile.read(length)
+            seq = self.headers[live_relay.SEQUENCE_HEADER]
+            why = limiter.admit(seq)
+            if why:
+                self._send(429, error_json(429, "TooManyRequests", why), "application/json")
+                return
+            try:
+                status, data = relay(settings, settings.models["live"], body, self.headers.get("Content-Type"),
+                                     extra_headers=live_relay.upstream_headers(self.headers))
+            finally:
+                limiter.done(seq)
             self._send(status, data, "application/json")
 
         def _get(self, body: bool) -> None:
@@ -235,7 +266,7 @@ def make_server(settings: DemoSettings, allow_remote: bool = False) -> Threading
 
 def served_models() -> dict[str, str]:
     """Task -> TorchServe model name, as ``export`` names the archives."""
-    return {task: pkg.archive_name(task) for task, pkg in TASKS.items()}
+    return {task: pkg.archive_name(task) for task, pkg in ALL_TASKS.items()}
 
 
 def settings_from_args(args: argparse.Namespace) -> DemoSettings:

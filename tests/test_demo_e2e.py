@@ -15,6 +15,7 @@ from typing import Iterator
 import av
 import pytest
 import requests
+from PIL import Image
 
 from demo.server import DemoSettings, make_server, served_models
 from export.__main__ import main as export_main
@@ -31,6 +32,7 @@ DOCS = REPO / "docs"
 FIXTURES = Path(__file__).parent / "fixtures"
 GROUP = FIXTURES / "photos" / "group.jpg"
 CLIP = FIXTURES / "video" / "face_leaves_hevc_256x144.mov"  # HEVC: Chromium cannot play it
+CAMERA_CLIP = FIXTURES / "video" / "mead_happy_1s_128.mp4"  # the fake camera's picture (looped)
 VIDEO_WEIGHTS = SHIPPED_WEIGHTS["video"]
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -47,6 +49,23 @@ def demo_server(settings: DemoSettings) -> Iterator[str]:
     """The demo server in a thread; yields its base URL and always shuts it down."""
     with running(make_server(settings)):
         yield settings.origin
+
+
+def y4m_camera(src: Path, dst: Path, size: tuple[int, int] = (640, 480)) -> Path:
+    """``src`` as a Y4M file (what Chromium's fake camera plays, looped): each frame scaled up
+    into a ``size`` grey frame, the face in the middle."""
+    w, h = size
+    with av.open(str(src)) as inp, av.open(str(dst), "w", format="yuv4mpegpipe") as out:
+        s_in = inp.streams.video[0]
+        s_out = out.add_stream("rawvideo", rate=s_in.average_rate)
+        s_out.width, s_out.height, s_out.pix_fmt = w, h, "yuv420p"
+        for frame in inp.decode(s_in):
+            canvas = Image.new("RGB", size, (110, 110, 110))
+            side = int(h * 0.8)
+            canvas.paste(frame.to_image().resize((side, side)), ((w - side) // 2, (h - side) // 2))
+            out.mux(s_out.encode(av.VideoFrame.from_image(canvas).reformat(format="yuv420p")))
+        out.mux(s_out.encode())
+    return dst
 
 
 def h264_copy(src: Path, dst: Path) -> Path:
@@ -71,18 +90,23 @@ def stack(tmp_path_factory):
                         "--workers", "1"]) == 0
     assert export_main(["--task", "video", "--checkpoint", str(video_ckpt), "--out", str(store),
                         "--workers", "1"]) == 0
-    with running_server(store, [f"{m}={m}.mar" for m in MODELS.values()], tmp / "server") as ts:
+    models = dict(MODELS)
+    if VIDEO_WEIGHTS.is_file():  # the live model is the shipped per-frame video model
+        assert export_main(["--task", "live", "--checkpoint", str(VIDEO_WEIGHTS), "--out", str(store)]) == 0
+    else:
+        models.pop("live")
+    with running_server(store, [f"{m}={m}.mar" for m in models.values()], tmp / "server") as ts:
         key_file = tmp / "key_file.json"
         key_file.write_bytes((ts.workdir / "key_file.json").read_bytes())
         settings = DemoSettings(host="127.0.0.1", port=free_port(), inference_url=ts.inference_url,
-                                key_file=key_file, models=MODELS,
+                                key_file=key_file, models=models,
                                 labels=tuple(LABELS))
         with demo_server(settings) as url:
             yield {"ts": ts, "url": url, "tmp": tmp, "key_file": key_file}
 
 
 @pytest.fixture(scope="module")
-def browser():
+def browser(tmp_path_factory):
     if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
         pytest.fail(f"{CHROMIUM} and {CHROMEDRIVER} are needed (Debian packages chromium, chromium-driver: "
                     f"`make install` installs them)")
@@ -93,6 +117,8 @@ def browser():
     options.binary_location = str(CHROMIUM)  # explicit paths: Selenium Manager downloads nothing
     for flag in CHROMIUM_FLAGS:
         options.add_argument(flag)
+    camera = y4m_camera(CAMERA_CLIP, tmp_path_factory.mktemp("camera") / "camera.y4m")
+    options.add_argument(f"--use-file-for-fake-video-capture={camera}")
     with tempfile.TemporaryDirectory(prefix="demo-chromium-") as profile:
         options.add_argument(f"--user-data-dir={profile}")
         driver = webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER)))
@@ -299,13 +325,40 @@ def test_wrong_key_and_server_down_are_explained(stack, browser):
         assert message(browser).startswith(f"no answer from TorchServe at {down.inference_url}")
 
 
-def test_webcam_frames_go_to_the_image_model(stack, browser):
-    """Chromium's fake camera (a moving test pattern, no face): frames are classified whole."""
+def test_webcam_streams_to_the_live_model(stack, browser):
+    """Chromium's fake camera plays a real clip (a happy face, looped): the tab's sequence gets a
+    person id, a smoothed label, a 30-second chart and CSV rows, from the live model."""
+    if not VIDEO_WEIGHTS.is_file():
+        pytest.skip(f"{VIDEO_WEIGHTS} is missing: the live model is the shipped per-frame video model")
     open_page(browser, stack["url"], "Webcam")
+    privacy = browser.find_element("id", "webcam-privacy")
+    assert privacy.is_displayed() and "this demo server only" in privacy.text
     browser.find_element("id", "webcam-start").click()
-    wait_for(browser, "return +(document.getElementById('webcam-stage').dataset.frames || 0) >= 3", timeout=30)
+    wait_for(browser, "return +(document.getElementById('webcam-stage').dataset.frames || 0) >= 12", timeout=90)
+    browser.execute_script("clearInterval(window.demo.webcam.timer)")  # hold still for the checks
+    wait_for(browser, "return !window.demo.webcam.busy")
     assert message(browser) == ""
     answer = browser.execute_script("return window.demo.last")
-    assert answer["detection"]["whole_image"] is True and len(answer["faces"]) == 1
-    assert len(browser.find_elements("css selector", "#webcam-boxes .box")) == 1
+    assert answer["sequence"].startswith("tab-") and answer["frame"] >= 12
+    (person,) = answer["people"]
+    top = person["top3"][0]
+    assert person["id"] == 0 and person["smoothing"] == "pooled" and top["label"] == "happy", person
+    (box,) = browser.find_elements("css selector", "#webcam-boxes .box")
+    assert box.get_attribute("data-person") == "0" and box.get_attribute("data-label") == top["label"]
+    assert box.text.startswith(f"0 {top['label']}")
+    (card,) = browser.find_elements("css selector", "#webcam-faces .face")
+    assert card.text.startswith("Person 0") and len(card.find_elements("css selector", ".bar")) == 3
+    lines = browser.execute_script(
+        "return [...document.querySelectorAll('svg.live-chart[data-person=\"0\"] polyline')]"
+        ".map(l => [l.dataset.label, l.getAttribute('points').trim().split(' ').length])")
+    assert sorted(label for label, _ in lines) == sorted(LABELS)
+    csv = browser.execute_script("return window.demoLiveCsv()").splitlines()
+    assert csv[0] == "time,person,label," + ",".join(LABELS) and len(csv) >= 1 + 10
+    # a point and a CSV row per answer with the person in it (under 30 s)
+    assert all(points == len(csv) - 1 for _, points in lines)
+    last = csv[-1].split(",")
+    assert last[1:3] == ["0", top["label"]]
+    assert float(last[3 + LABELS.index(top["label"])]) == pytest.approx(person["probabilities"][top["label"]], abs=1e-4)
+    browser.save_screenshot(str(DOCS / "demo_live.png"))
     browser.find_element("id", "webcam-stop").click()
+    assert "Stopped after" in browser.find_element("id", "webcam-note").text

@@ -6,6 +6,7 @@ import contextlib
 import json
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Iterator
@@ -46,7 +47,9 @@ def upstream():
         def do_POST(self):
             body = self.rfile.read(int(self.headers["Content-Length"]))
             seen.append({"path": self.path, "auth": self.headers.get("Authorization"),
-                         "ctype": self.headers.get("Content-Type"), "body": body})
+                         "ctype": self.headers.get("Content-Type"), "body": body, "headers": dict(self.headers)})
+            if body == b"slow":
+                time.sleep(0.5)
             status, answer = (400, {"code": 400, "type": "BadRequest", "message": "bad"}) if body == b"bad" \
                 else (200, {"faces": []})
             data = json.dumps(answer).encode()
@@ -106,6 +109,42 @@ def test_relay_adds_the_key_and_returns_torchserves_answer(tmp_path, upstream):
         r = requests.get(f"{base}/", headers={"Host": f"rebound.example:{s.port}"})
         assert r.status_code == 403
     assert len(seen) == 2
+
+
+def test_live_frames_go_through_per_tab_with_one_in_flight_and_a_rate_cap(tmp_path, upstream):
+    """/live relays a tab's frames to the live model with the tab's sequence id; one frame of a tab
+    in flight and at most MAX_FPS a second (429 JSON), frames over the limit 413, no id 400."""
+    from demo import live_relay
+    from handlers.contract import LIVE_MAX_FRAME_BYTES, LIVE_SEQUENCE_END_HEADER, LIVE_SEQUENCE_HEADER
+
+    url, seen = upstream
+    s = settings(tmp_path, url)
+    tab = {live_relay.SEQUENCE_HEADER: "tab-0123456789"}
+    with running(make_server(s)):
+        live = f"{s.origin}{live_relay.LIVE_PATH}"
+        assert requests.post(f"{s.origin}/predictions/{MODELS['live']}", data=b"x").status_code == 404
+        r = requests.post(live, data=b"frame", headers=tab)
+        assert r.status_code == 200 and seen[-1]["path"] == f"/predictions/{MODELS['live']}"
+        assert seen[-1]["headers"][LIVE_SEQUENCE_HEADER] == "tab-0123456789" and seen[-1]["auth"] == "Bearer the-key"
+        r = requests.post(live, data=b"frame", headers=tab)  # sooner than 1 / MAX_FPS after the last
+        assert r.status_code == 429 and "frames a second per tab" in r.json()["message"]
+        time.sleep(0.2)
+        slow = threading.Thread(target=requests.post, args=(live,), kwargs={"data": b"slow", "headers": tab})
+        slow.start()
+        time.sleep(0.25)
+        r = requests.post(live, data=b"frame", headers=tab)  # while the slow one is in flight
+        assert r.status_code == 429 and r.json()["type"] == "TooManyRequests" and "one frame at a time" in r.json()["message"]
+        other = requests.post(live, data=b"frame", headers={live_relay.SEQUENCE_HEADER: "tab-another-one"})
+        assert other.status_code == 200  # another tab is not held up
+        slow.join()
+        time.sleep(0.1)
+        r = requests.post(live, data=b"x" * (LIVE_MAX_FRAME_BYTES + 1), headers=tab)
+        assert r.status_code == 413 and "byte limit" in r.json()["message"]
+        r = requests.post(live, data=b"frame", headers={live_relay.SEQUENCE_HEADER: "no"})
+        assert r.status_code == 400 and live_relay.SEQUENCE_HEADER in r.json()["message"]
+        r = requests.post(live, data=b"", headers={**tab, live_relay.END_HEADER: "1"})
+        assert r.status_code == 200 and seen[-1]["headers"][LIVE_SEQUENCE_END_HEADER] == "true"
+    assert [x["body"] for x in seen] == [b"frame", b"slow", b"frame", b""]
 
 
 def test_explanations_are_relayed_too(tmp_path, upstream):

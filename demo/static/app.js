@@ -4,11 +4,12 @@
 
 const $ = (id) => document.getElementById(id);
 const SVG = 'http://www.w3.org/2000/svg';
-const WEBCAM_INTERVAL_MS = 300; // a few frames a second to the image model
 const VIDEO_BOX_INTERVAL_MS = 400; // how often the playing video's face box is refreshed
 
-const state = { config: null, last: null, video: null, webcam: null, requests: 0, photo: null, explained: null };
+const state = { config: null, last: null, video: null, webcam: null, lastWebcam: null, requests: 0, photo: null,
+  explained: null };
 window.demo = state; // for the browser test and the curious
+window.demoLiveCsv = () => liveCsv();
 
 // --- talking to the service ---------------------------------------------------------------
 
@@ -498,28 +499,154 @@ async function onVideo(file) {
   }
 }
 
-// --- webcam -------------------------------------------------------------------------------
+// --- webcam: the live model, one sequence per tab ------------------------------------------
+
+const LIVE_INTERVAL_MS = 100; // 10 frames a second; one in flight, the others dropped
+const LIVE_MAX_SIDE = 640; // frames are sent at most this large
+const CHART_SECONDS = 30; // each person's chart shows the last 30 s
+
+function newSequenceId() {
+  const bytes = new Uint8Array(12);
+  crypto.getRandomValues(bytes);
+  return 'tab-' + Array.from(bytes, (b) => b.toString(16).padStart(2, '0')).join('');
+}
+
+async function grabLiveFrame(video) {
+  const scale = Math.min(1, LIVE_MAX_SIDE / Math.max(video.videoWidth, video.videoHeight));
+  const canvas = document.createElement('canvas');
+  canvas.width = Math.round(video.videoWidth * scale);
+  canvas.height = Math.round(video.videoHeight * scale);
+  canvas.getContext('2d').drawImage(video, 0, 0, canvas.width, canvas.height);
+  return { scale, blob: await new Promise((resolve) => canvas.toBlob(resolve, 'image/jpeg', 0.85)) };
+}
+
+async function sendLive(cam, blob, t, end = false) {
+  // one frame of this tab's sequence through the demo server's /live relay
+  const form = new FormData();
+  if (blob) form.append('data', blob, 'frame.jpg');
+  form.append('time', t.toFixed(3));
+  const headers = { 'X-Live-Sequence': cam.seq };
+  if (end) headers['X-Live-End'] = '1';
+  let response;
+  try {
+    response = await fetch('/live', { method: 'POST', body: form, headers });
+  } catch (e) {
+    throw new ServiceError(`No answer from the demo server at ${location.origin}: ${e.message}`);
+  }
+  const text = await response.text();
+  let body = null;
+  try { body = JSON.parse(text); } catch (e) { body = null; }
+  if (!response.ok) throw new ServiceError(describeError(response.status, body, text));
+  state.requests += 1;
+  return body;
+}
+
+function livePeople(cam, answer) {
+  // each visible person's smoothed probabilities into their 30-second history and the CSV rows
+  for (const p of answer.people || []) {
+    const person = cam.people.get(p.id) || { id: p.id, history: [] };
+    cam.people.set(p.id, person);
+    person.last = p;
+    person.history.push({ t: answer.time, probs: p.probabilities });
+    while (person.history.length && person.history[0].t < answer.time - CHART_SECONDS) person.history.shift();
+    const top = topOf(p)[0];
+    cam.csv.push([answer.time.toFixed(3), p.id, top ? top.label : '',
+      ...state.config.labels.map((l) => (p.probabilities[l] || 0).toFixed(4))].join(','));
+  }
+}
+
+function personChart(person) {
+  // the person's smoothed probabilities over the last 30 s, one line per emotion
+  const w = 300, h = 90;
+  const svg = document.createElementNS(SVG, 'svg');
+  svg.setAttribute('viewBox', `0 0 ${w} ${h}`);
+  svg.setAttribute('class', 'live-chart');
+  svg.dataset.person = String(person.id);
+  const now = person.history.length ? person.history[person.history.length - 1].t : 0;
+  const x = (t) => w - ((now - t) / CHART_SECONDS) * w;
+  const y = (p) => h - 2 - p * (h - 4);
+  for (const [tx, text, anchor] of [[2, `${CHART_SECONDS} s ago`, 'start'], [w - 2, 'now', 'end']]) {
+    const label = document.createElementNS(SVG, 'text');
+    label.setAttribute('x', tx);
+    label.setAttribute('y', 10);
+    label.setAttribute('text-anchor', anchor);
+    label.textContent = text;
+    svg.append(label);
+  }
+  for (const label of state.config.labels) {
+    const line = document.createElementNS(SVG, 'polyline');
+    line.setAttribute('points', person.history.map((e) => `${x(e.t).toFixed(1)},${y(e.probs[label] || 0).toFixed(1)}`).join(' '));
+    line.setAttribute('class', 'series');
+    line.dataset.label = label;
+    line.style.stroke = colorOf(label);
+    svg.append(line);
+  }
+  return svg;
+}
+
+function drawLive(cam, answer, video) {
+  const people = answer.people || [];
+  const w = video.videoWidth * cam.scale, h = video.videoHeight * cam.scale;
+  drawBoxes($('webcam-boxes'), people, w, h, (p) => {
+    const top = topOf(p)[0];
+    return { label: top ? top.label : '', text: `${p.id} ${top ? `${top.label} ${pct(top.probability)}` : ''}` };
+  });
+  [...$('webcam-boxes').children].forEach((box, i) => { box.dataset.person = String(people[i].id); });
+  const list = $('webcam-faces');
+  list.replaceChildren();
+  for (const p of people) {
+    const person = cam.people.get(p.id);
+    const item = el('li', 'face');
+    item.dataset.person = String(p.id);
+    const frameTop = topOf({ top3: p.frame_top3 })[0];
+    item.append(el('h3', '', `Person ${p.id} · ${p.frames} frames · this frame: ${frameTop ? frameTop.label : ''}`));
+    item.append(bars(topOf(p)), personChart(person));
+    list.append(item);
+  }
+}
 
 async function webcamStep() {
   const cam = state.webcam;
   const video = $('webcam');
-  if (!cam || cam.busy || !video.videoWidth) return;
+  if (!cam || !video.videoWidth) return;
+  if (cam.busy) { cam.dropped += 1; return; } // one frame in flight: this one is dropped, not queued
   cam.busy = true;
   try {
-    const answer = await predict('image', await grabFrame(video), 'webcam.jpg');
+    const t = (performance.now() - cam.started) / 1000;
+    const { scale, blob } = await grabLiveFrame(video);
+    const answer = await sendLive(cam, blob, t);
     if (state.webcam !== cam) return;
+    cam.scale = scale;
     showMessage('');
     showAnswer(answer);
-    const faces = answer.faces || [];
-    drawBoxes($('webcam-boxes'), faces, video.videoWidth, video.videoHeight, faceLabel);
-    faceCards($('webcam-faces'), $('webcam-boxes'), faces);
+    livePeople(cam, answer);
+    drawLive(cam, answer, video);
     cam.frames += 1;
     $('webcam-stage').dataset.frames = String(cam.frames);
+    $('webcam-note').textContent = `Live: sequence ${cam.seq}, ${cam.frames} frames answered, ${cam.dropped} dropped ` +
+      'while one was in flight; labels are smoothed over the last seconds.';
   } catch (e) {
     showMessage(e.message);
   } finally {
     cam.busy = false;
   }
+}
+
+function liveCsv() {
+  const cam = state.webcam || state.lastWebcam;
+  if (!cam) return '';
+  return ['time,person,label,' + state.config.labels.join(','), ...cam.csv].join('\n') + '\n';
+}
+
+function downloadCsv() {
+  const url = URL.createObjectURL(new Blob([liveCsv()], { type: 'text/csv' }));
+  const a = el('a');
+  a.href = url;
+  a.download = 'emotions_live.csv';
+  document.body.append(a);
+  a.click();
+  a.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 1000);
 }
 
 async function startWebcam() {
@@ -541,8 +668,10 @@ async function startWebcam() {
   $('webcam-stage').hidden = false;
   $('webcam-start').disabled = true;
   $('webcam-stop').disabled = false;
-  state.webcam = { stream, busy: false, frames: 0, timer: setInterval(webcamStep, WEBCAM_INTERVAL_MS) };
-  $('webcam-note').textContent = 'Live: boxes and labels follow the image model\'s answers.';
+  $('webcam-csv').disabled = false;
+  state.webcam = { stream, seq: newSequenceId(), busy: false, frames: 0, dropped: 0, scale: 1,
+    started: performance.now(), people: new Map(), csv: [], timer: setInterval(webcamStep, LIVE_INTERVAL_MS) };
+  $('webcam-note').textContent = 'Live: waiting for the first answer…';
 }
 
 function stopWebcam() {
@@ -551,10 +680,12 @@ function stopWebcam() {
   clearInterval(cam.timer);
   cam.stream.getTracks().forEach((t) => t.stop());
   state.webcam = null;
+  state.lastWebcam = cam; // its CSV stays downloadable
+  sendLive(cam, null, (performance.now() - cam.started) / 1000, true).catch(() => {}); // close the sequence
   $('webcam').srcObject = null;
   $('webcam-start').disabled = false;
   $('webcam-stop').disabled = true;
-  $('webcam-note').textContent = 'Stopped.';
+  $('webcam-note').textContent = `Stopped after ${cam.frames} frames.`;
 }
 
 // --- wiring -------------------------------------------------------------------------------
@@ -597,7 +728,7 @@ async function init() {
     return;
   }
   const c = state.config;
-  $('status').textContent = `TorchServe at ${c.inference_url}, models ${Object.values(c.models).join(' and ')}; ` +
+  $('status').textContent = `TorchServe at ${c.inference_url}, models ${Object.values(c.models).join(', ')}; ` +
     `requests go through this page's server, which adds the key from ${c.key_file.split('/').pop()}.`;
   if (c.error) showMessage(c.error);
   fileInput('photo-drop', 'photo-input', onPhoto);
@@ -610,6 +741,8 @@ async function init() {
   $('photo-why-toggle').addEventListener('change', showWhy);
   $('webcam-start').addEventListener('click', startWebcam);
   $('webcam-stop').addEventListener('click', stopWebcam);
+  $('webcam-csv').addEventListener('click', downloadCsv);
+  window.addEventListener('pagehide', stopWebcam);
   document.body.dataset.ready = 'true';
 }
 
