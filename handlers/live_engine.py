@@ -162,9 +162,10 @@ class LiveEngine:
         """The JSON answer of one frame (``live_handler``'s docstring)."""
         key = f"top{self.topk}"
         out: dict[str, Any] = {"sequence": f.seq.id, "frame": f.seq.frames, "new": f.new,
-                               "keyframe": f.found is not None, "people": []}
+                               "keyframe": f.found is not None}
         if f.time is not None:
             out["time"] = round(f.time, 3)
+        out["people"] = []
         for p in f.people:
             smooth, how = p.smoothed(self.pipeline.pool, self.limits)
             out["people"].append({

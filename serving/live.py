@@ -61,7 +61,8 @@ def file_frames(container: Any, fps: float) -> Iterator[tuple[float, Image.Image
         first = t if first is None else first
         t -= first
         if t + 1e-6 >= next_t:
-            next_t = t + 1.0 / fps
+            while next_t <= t + 1e-6:  # on the grid of 1 / fps, whatever the source's rate
+                next_t += 1.0 / fps
             yield t, frame.to_image()
 
 
@@ -154,11 +155,12 @@ class Report:
         self.writer = csv.writer(csv_file) if csv_file else None
         self.labels: dict[int, str] = {}
         self.latencies: list[float] = []
-        self.started = time.monotonic()
+        self.started: float | None = None  # when the first answer came
         self.frames = 0
         self.header = False
 
     def add(self, t: float, answer: dict[str, Any], latency: float) -> None:
+        self.started = self.started or time.monotonic()
         self.frames += 1
         self.latencies.append(latency)
         if "people" not in answer:
@@ -172,7 +174,7 @@ class Report:
                       f"{top['probability']:.2f}" + " " * 30, file=self.out)
             self._row(t, answer["frame"], p)
         if self.progress:
-            rate = self.frames / max(time.monotonic() - self.started, 1e-9)
+            rate = (self.frames - 1) / max(time.monotonic() - self.started, 1e-9)
             ms = 1000 * statistics.median(self.latencies[-50:])
             people = " ".join(f"{i}:{lab}" for i, lab in sorted(self.labels.items()) if
                               any(p["id"] == i for p in answer["people"]))
@@ -190,7 +192,9 @@ class Report:
                               *(f"{p['probabilities'][k]:.4f}" for k in labels), p["frame_top3"][0]["label"]])
 
 
-def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    """Stream ``args.source`` to the live model (see module docstring); prints to ``out`` (stdout)."""
+    out = out or sys.stdout
     token = json.loads(args.key_file.read_text())["inference"]["key"] if args.key_file.is_file() else None
     container = open_source(args.source)
     live = is_device(args.source) or "://" in args.source

@@ -177,6 +177,24 @@ def test_rest_sequence_header_unknown_and_expired_ids_and_close(server):
     assert expired["frame"] == 1 and expired["new"] is True
 
 
+def test_the_client_prints_labels_and_writes_the_csv(server, tmp_path, capsys):
+    """``python -m serving.live --source clip --csv``: a line per label change, a CSV row per
+    person per frame with the seven smoothed probabilities, the sequence closed at the end."""
+    from serving.live import main
+
+    clip = FIXTURES / "mead_happy_1s_128.mp4"
+    out = tmp_path / "live.csv"
+    assert main(["--source", str(clip), "--target", server.grpc_inference, "--csv", str(out), "--quiet",
+                 "--key-file", str(server.workdir / "key_file.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "person 0: happy" in printed and "10 frames, sequence live-" in printed
+    rows = out.read_text().splitlines()
+    assert rows[0] == "time,frame,person,label," + ",".join(LABELS) + ",frame_label"
+    assert len(rows) == 1 + 10 and [r.split(",")[1] for r in rows[1:]] == [str(k) for k in range(1, 11)]
+    last = rows[-1].split(",")
+    assert last[2:4] == ["0", "happy"] and abs(sum(map(float, last[4:11])) - 1) < 2e-3
+
+
 def test_one_sequence_too_many_is_refused_while_the_others_go_on(server):
     wait_for_expiry()
     (_, frame), = frames_of(HAPPY, limit=1)
