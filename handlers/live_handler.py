@@ -4,8 +4,9 @@ The archive (``emotion_live``) holds the video model's per-frame network and spe
 sequence batching is on (``model-config.yaml``: ``sequenceBatching``, ``maxNumSequence``,
 ``sequenceMaxIdleMSec``): every request carries a sequence id (REST header
 ``ts_request_sequence_id``, gRPC ``StreamPredictions2``'s ``sequence_id``; TorchServe makes one for
-a request without it and answers it), a sequence's requests reach the same worker in order, and
-a batch holds one frame from each of several sequences.
+a request without it, which the answer carries in its body and that response header), a
+sequence's requests reach the same worker in order, and a batch holds one frame from each of
+several sequences. TorchServe refuses a sequence beyond ``maxNumSequence`` itself (503).
 
 Per sequence the worker keeps the people in view and their recent answers (``live_state``, the steps
 in ``live_engine``, which the SDK's ``recognize_stream`` shares): faces
@@ -23,9 +24,9 @@ the person's frames of the last ``smooth_seconds`` once there are ``min_frames``
 before (``smoothing``: ``pooled`` or ``mean``); ``frame_top3`` is this frame's alone. A frame may
 send ``time`` (seconds in its stream: multipart/JSON field or gRPC input) for the smoothing window;
 without it the time since the sequence's first frame is used. An unknown or expired sequence id
-starts afresh (``new``: true, ``frame``: 1). The request header (gRPC: input)
-``ts_request_sequence_end: true`` closes the sequence after its frame (a request without a frame
-only closes it) and frees its state (``closed``: true). A worker keeps at most ``max_sequences``
+starts afresh (``new``: true, ``frame``: 1). The REST request header ``ts_request_sequence_end:
+true`` (over gRPC the input of that name, :meth:`EmotionLiveHandler.ends`) closes the sequence
+after its frame (a request without a frame only closes it) and frees its state (``closed``: true). A worker keeps at most ``max_sequences``
 sequences (429 for one more) and expires those idle for ``idle_seconds``. A bad frame gets its
 own 4xx JSON error while the rest of the batch is answered; the sequence goes on.
 """
