@@ -1,6 +1,6 @@
 """End-to-end CPU time of the video handler per 4-second clip, by stage, in-process (no server).
 
-Stages: decode (probe + decode the sampled frames), detect (MTCNN on keyframes, tracking, and
+Stages: decode (probe + decode the sampled frames), detect (the face detector, ``--detectors``, on keyframes, tracking, and
 alignment of every tracked face on every sampled frame), infer (one forward pass over every
 crop, or every clip of a clip model: the model's own share, with pooling and the answer), and
 stack (model inputs). ``--keyframe-every 0,1`` compares the served keyframe interval (0) with
@@ -11,7 +11,7 @@ Prints a markdown table and, last, one JSON line. Reports min and median over re
 machine is shared: the minimum is the stage's own cost), the process's CPU time per request
 (less sensitive than wall time to other jobs on the machine) and the load average.
 
-    .venv/bin/python -m bench.bench_video --reps 3
+    .venv/bin/python -m bench.bench_video --reps 3 [--detectors mtcnn,retinaface]
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ import torch
 import yaml
 
 from export.__main__ import main as export_main
+from handlers.contract import VIDEO_DEFAULTS
 from handlers.video_handler import EmotionVideoHandler
 from handlers.video_batch import VideoBatch
 from model_defs import create_model, save_weights
@@ -118,6 +119,7 @@ def main() -> int:
     p.add_argument("--detect-max-side", type=int, help="override the archive's detect_max_side")
     p.add_argument("--threads", type=int, default=0, help="torch threads in the handler (0: the archive's: cores / workers)")
     p.add_argument("--weights", type=Path, default=SHIPPED, help="video checkpoint (default: the shipped one)")
+    p.add_argument("--detectors", default=VIDEO_DEFAULTS["detector"], help="comma-separated face detectors to time")
     p.add_argument("--keyframe-every", default="0",
                    help="comma-separated keyframe intervals to time (0: the archive's; 1: detect on every sampled frame)")
     args = p.parse_args()
@@ -134,10 +136,11 @@ def main() -> int:
              "facenet_pytorch_video.mp4 (1920x1080, several faces)": cut(multi, args.seconds)}
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-video-") as tmp:
-        for mode, every in [(m, int(k)) for m in args.modes.split(",") for k in args.keyframe_every.split(",")]:
-            if mode == "never" and every:
+        for mode, every, detector in [(m, int(k), d) for m in args.modes.split(",") for k in args.keyframe_every.split(",")
+                                      for d in args.detectors.split(",")]:
+            if mode == "never" and (every or detector != args.detectors.split(",")[0]):
                 continue
-            opts = {"detection": mode, **({"threads": args.threads} if args.threads else {})}
+            opts = {"detection": mode, "detector": detector, **({"threads": args.threads} if args.threads else {})}
             if args.detect_max_side:
                 opts["detect_max_side"] = args.detect_max_side
             if every:
@@ -145,7 +148,8 @@ def main() -> int:
             h = build_handler(Path(tmp), opts, args.weights)
             for name, data in clips.items():
                 runs = [run_once(h, data) for _ in range(args.reps + 1)][1:]  # the first warms up
-                row = {"clip": name, "detection": mode, "keyframe_every": h.pipeline.keyframe_every,
+                row = {"clip": name, "detection": mode if mode == "never" else f"{mode} ({detector})",
+                       "keyframe_every": h.pipeline.keyframe_every,
                        "threads": torch.get_num_threads(), "optimized": h.optimized,
                        **{k: runs[0][k] for k in ("clips", "frames", "found", "people", "detected", "crops", "top1")}}
                 for k in ("decode", "detect", "stack", "infer", "total", "cpu"):

