@@ -40,11 +40,13 @@ from ts.torch_handler.base_handler import BaseHandler
 
 try:  # inside the repository (package import)
     from . import common, cpu_graph, faces, preprocess
+    from . import metrics as handler_metrics
     from .live_engine import LiveEngine, LiveFrame
 except ImportError:  # inside a .mar the shared modules sit flat beside the handler
     import common  # type: ignore[no-redef]
     import cpu_graph  # type: ignore[no-redef]
     import faces  # type: ignore[no-redef]
+    import metrics as handler_metrics  # type: ignore[no-redef]
     import preprocess  # type: ignore[no-redef]
     from live_engine import LiveEngine, LiveFrame  # type: ignore[no-redef]
 
@@ -91,6 +93,7 @@ class EmotionLiveHandler(BaseHandler):
         self.model, self.cpu_graph = cpu_graph.optimize_for_cpu(
             self.model, example.to(self.device), lambda: common.load_scripted_model(context, self.device)[0],
             opts["optimize"])
+        self.batch_metrics = handler_metrics.BatchMetrics(None)  # replaced per batch
         self.initialized = True
         logger.info("loaded %s (%s) on %s, %d threads, CPU graph %s; live limits %s, pooling %s",
                     self.manifest["model"]["serializedFile"], self.spec.get("arch"), self.device,
@@ -101,16 +104,21 @@ class EmotionLiveHandler(BaseHandler):
         """Read each frame and its sequence, detect on the keyframes, follow the faces, crop them."""
         failures = common.Failures()
         frames: list[LiveFrame] = []
+        # this batch's figures (handlers/metrics.py); a worker runs one batch at a time
+        self.batch_metrics = m = handler_metrics.BatchMetrics(self.context)
+        m.batch_size = len(data)
         gone = self.engine.store.expire()
         if gone:
             logger.info("live sequences expired: %s", ", ".join(gone))
         for idx, row in enumerate(data):
             try:
-                frames.append(self.read_request(idx, row))
+                with m.timed("decode"):
+                    frames.append(self.read_request(idx, row))
             except Exception as e:  # one bad request must not fail the batch
                 failures.add_exception(idx, e, default_status=400)
-        self.engine.detect(frames, failures)
-        self.engine.follow(frames, failures)
+        with m.timed("detect"):  # keyframe detection, tracking, alignment
+            self.engine.detect(frames, failures)
+            self.engine.follow(frames, failures)
         return [f for f in frames if f.idx not in failures], failures, len(data)
 
     def read_request(self, idx: int, row: Any) -> LiveFrame:
@@ -146,7 +154,7 @@ class EmotionLiveHandler(BaseHandler):
         crops = [c for f in batch[0] for c in f.crops]
         if not crops:
             return batch, torch.empty(0, len(self.labels))
-        with torch.inference_mode():
+        with self.batch_metrics.timed("inference"), torch.inference_mode():
             probs = torch.softmax(self.model(torch.stack(crops).to(self.device)).float(), dim=1).cpu()
         return batch, probs
 
@@ -157,4 +165,7 @@ class EmotionLiveHandler(BaseHandler):
         for idx, answer in self.engine.answers(frames, probs).items():
             results[idx] = answer  # and the sequence id in the response header, as TorchServe names it
             self.context.set_response_header(idx, self.context.header_key_sequence_id, answer["sequence"])
+        self.batch_metrics.count(requests=n - len(failures), failed=len(failures),
+                                 faces=sum(len(f.people) for f in frames))
+        self.batch_metrics.emit()
         return failures.apply(self.context, results)

@@ -33,7 +33,7 @@ COUNTERS: dict[str, tuple[str, str]] = {
     # key: (metric name, unit)
     "requests": ("emotion_requests_total", "count"),      # requests answered 200
     "failed": ("emotion_failed_requests_total", "count"),  # requests answered 4xx/5xx
-    "faces": ("emotion_faces_total", "count"),            # faces (image) / frames with a face (video)
+    "faces": ("emotion_faces_total", "count"),            # faces (image, live) / frames with a face (video)
     "decode": ("emotion_decode_ms_total", "ms"),          # decoding the media
     "detect": ("emotion_detect_ms_total", "ms"),          # face detection + alignment
     "inference": ("emotion_inference_ms_total", "ms"),    # model forward pass

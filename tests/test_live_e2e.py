@@ -214,3 +214,18 @@ def test_one_sequence_too_many_is_refused_while_the_others_go_on(server):
         r = rest(server, frame, seq)
         assert r.status_code == 200 and r.json()["frame"] == 2 and r.json()["sequence"] == seq
     assert np.isfinite(r.json()["people"][0]["probabilities"]["happy"])
+
+
+def test_the_worker_reports_its_metrics(server):
+    """The handlers' custom metrics (handlers/metrics.py) for the live model on /metrics."""
+    deadline = time.monotonic() + 30  # the frontend parses the workers' metric log lines
+    while True:
+        text = requests.get(f"{server.metrics_url}/metrics", timeout=10).text
+        mine = [line for line in text.splitlines() if f'ModelName="{MODEL}"' in line]
+        names = {line.split("{")[0] for line in mine}
+        if {"emotion_requests_total", "emotion_faces_total", "emotion_detect_ms_total"} <= names:
+            break
+        assert time.monotonic() < deadline, mine
+        time.sleep(1)
+    faces = [float(line.rsplit(" ", 1)[1]) for line in mine if line.startswith("emotion_faces_total")]
+    assert sum(faces) > 50  # a face per frame of the streams above
