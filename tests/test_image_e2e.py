@@ -135,12 +135,12 @@ def test_shipped_model_top1_right_for_happy_and_surprised_faces(server, cls):
 # --- face detection ------------------------------------------------------------------------
 
 def check_detected(face: dict) -> None:
-    assert face["detected"] is True and 0.9 <= face["score"] <= 1.0 and len(face["landmarks"]) == 5
+    assert face["detected"] is True and 0.8 <= face["score"] <= 1.0 and len(face["landmarks"]) == 5
     assert len(face["top3"]) == 3 and {t["label"] for t in face["top3"]} <= set(LABELS)
 
 
 def test_group_photo_gets_one_entry_per_face(server):
-    from tests.test_faces import GROUP_BOXES, GROUP_SMALL_BOX, iou
+    from tests.test_faces import GROUP_BOXES, GROUP_PROFILE_BOX, GROUP_SMALL_BOX, iou
 
     data = (SCENES / "group.jpg").read_bytes()
     r = post(server, data=data)
@@ -148,8 +148,8 @@ def test_group_photo_gets_one_entry_per_face(server):
     answer = r.json()
     faces = answer["faces"]
     assert answer["detection"] == {"mode": "auto", "faces_detected": len(faces), "whole_image": False}
-    assert [iou(f["box"], b) >= 0.5 for f, b in zip(faces, GROUP_BOXES)] == [True] * 4  # largest first
-    assert all(iou(f["box"], GROUP_SMALL_BOX) >= 0.5 for f in faces[4:]), faces[4:]
+    assert all(max(iou(f["box"], b) for f in faces[:4]) >= 0.5 for b in GROUP_BOXES)  # the four largest
+    assert all(max(iou(f["box"], GROUP_SMALL_BOX), iou(f["box"], GROUP_PROFILE_BOX)) >= 0.5 for f in faces[4:]), faces[4:]
     for f in faces:
         check_detected(f)
     assert grpc_predict(server.grpc_inference, "emotion_image", data, server.keys["inference"]) == answer
