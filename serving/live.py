@@ -66,6 +66,10 @@ def file_frames(container: Any, fps: float) -> Iterator[tuple[float, Image.Image
             yield t, frame.to_image()
 
 
+FULL_HINT = "If this is a sequence inference"
+"""In TorchServe 0.12's 503 for a sequence it cannot take (more than ``maxNumSequence``, a closed one)."""
+
+
 class LatestFrame:
     """Reads a camera or network stream in a thread and keeps only its newest frame at ``fps``."""
 
@@ -164,7 +168,10 @@ class Report:
         self.frames += 1
         self.latencies.append(latency)
         if "people" not in answer:
-            print(f"\n{t:7.2f} s  error: {answer.get('code', '')} {answer.get('message', answer)}", file=self.out)
+            message = str(answer.get("message", answer))
+            if FULL_HINT in message:  # TorchServe's own words for one sequence more than maxNumSequence
+                message += " (the live model follows as many streams as it may: try again when one ends)"
+            print(f"\n{t:7.2f} s  error: {answer.get('code', '')} {message}", file=self.out)
             return
         for p in answer["people"]:
             top = p["top3"][0]
