@@ -163,16 +163,18 @@ class Report:
         self.frames = 0
         self.header = False
 
-    def add(self, t: float, answer: dict[str, Any], latency: float) -> None:
+    def add(self, t: float, answer: dict[str, Any], latency: float) -> bool:
+        """Report one answer; False when the stream cannot go on (no room for it)."""
         self.started = self.started or time.monotonic()
         self.frames += 1
         self.latencies.append(latency)
         if "people" not in answer:
             message = str(answer.get("message", answer))
-            if FULL_HINT in message:  # TorchServe's own words for one sequence more than maxNumSequence
+            full = FULL_HINT in message  # TorchServe's own words for one sequence more than maxNumSequence
+            if full:
                 message += " (the live model follows as many streams as it may: try again when one ends)"
             print(f"\n{t:7.2f} s  error: {answer.get('code', '')} {message}", file=self.out)
-            return
+            return not full
         for p in answer["people"]:
             top = p["top3"][0]
             if self.labels.get(p["id"]) != top["label"]:
@@ -187,6 +189,7 @@ class Report:
                               any(p["id"] == i for p in answer["people"]))
             print(f"\rframe {answer['frame']} · {t:.1f} s · {rate:.1f} frames/s · {ms:.0f} ms · {people}   ",
                   end="", file=sys.stderr, flush=True)
+        return True
 
     def _row(self, t: float, frame: int, p: dict[str, Any]) -> None:
         if self.writer is None:
@@ -210,16 +213,18 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     csv_file = open(args.csv, "w", newline="") if args.csv else None
     report = Report(out, csv_file, progress=not args.quiet)
     t0 = time.monotonic()
+    going = True
     try:
         for n, (t, img) in enumerate(frames):
             if args.realtime and not live:
                 time.sleep(max(0.0, t - (time.monotonic() - t0)))
             sent = time.monotonic()
             answer = stream.send(jpeg(img, args.max_side), t)
-            report.add(t, answer, time.monotonic() - sent)
-            if args.frames and n + 1 >= args.frames:
+            going = report.add(t, answer, time.monotonic() - sent)
+            if not going or (args.frames and n + 1 >= args.frames):
                 break
-        stream.send(None, end=True)
+        if going:
+            stream.send(None, end=True)
     except KeyboardInterrupt:
         pass
     finally:
@@ -231,7 +236,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
         print(file=sys.stderr)
     print(f"{report.frames} frames, sequence {stream.sequence_id}" + (f", CSV {args.csv}" if args.csv else ""),
           file=out)
-    return 0
+    return 0 if going else 1
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -195,7 +195,7 @@ def test_the_client_prints_labels_and_writes_the_csv(server, tmp_path, capsys):
     assert last[2:4] == ["0", "happy"] and abs(sum(map(float, last[4:11])) - 1) < 2e-3
 
 
-def test_one_sequence_too_many_is_refused_while_the_others_go_on(server):
+def test_one_sequence_too_many_is_refused_while_the_others_go_on(server, capsys):
     wait_for_expiry()
     (_, frame), = frames_of(HAPPY, limit=1)
     ids = [f"cap-{i}" for i in range(SEQUENCES)]
@@ -210,6 +210,11 @@ def test_one_sequence_too_many_is_refused_while_the_others_go_on(server):
     finally:
         live.close()
     assert "people" not in answer and "sequence" in answer["message"]
+    from serving.live import main  # the client stops there and says why
+
+    assert main(["--source", str(FIXTURES / "mead_happy_1s_128.mp4"), "--target", server.grpc_inference, "--quiet",
+                 "--key-file", str(server.workdir / "key_file.json")]) == 1
+    assert "try again when one ends" in capsys.readouterr().out
     for seq in ids:  # the others keep going
         r = rest(server, frame, seq)
         assert r.status_code == 200 and r.json()["frame"] == 2 and r.json()["sequence"] == seq
