@@ -174,6 +174,22 @@ def test_8000x8000_image_is_refused_by_serving_and_detected_in_process(detectors
         assert len(faces) == 1 and iou(faces[0].box, want) >= 0.5
 
 
+def test_the_sdk_and_the_evaluator_take_the_detector_by_name():
+    from training.datasets import detected_face_crop
+    from training.sdk import EmotionRecognizer
+
+    sdk = EmotionRecognizer(video=False, face_detector="mtcnn")
+    assert isinstance(sdk._detector_or_none(), F.FaceDetector)
+    assert isinstance(EmotionRecognizer(video=False)._detector_or_none(), F.RetinaFaceDetector)
+    with pytest.raises(ValueError, match="face_detector must be one of"):
+        EmotionRecognizer(video=False, face_detector="yunet")
+    spec = sdk.spec.to_dict()
+    crops = {n: detected_face_crop(spec, "cpu", "always", detector_name=n)(load("single_face.jpg"))
+             for n in FACE_DETECTORS}
+    assert all(c.size == (spec["input_size"],) * 2 for c in crops.values())
+    assert np.asarray(crops["mtcnn"]).tobytes() != np.asarray(crops["retinaface"]).tobytes()
+
+
 @pytest.mark.cuda
 def test_batched_retinaface_on_the_gpu():
     """The batched detector on CUDA gives the CPU's faces (skipped without a GPU)."""

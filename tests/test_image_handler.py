@@ -378,6 +378,21 @@ def test_options_from_model_config(model_dir, handler):
             EmotionImageHandler().initialize(ctx)
 
 
+def test_detector_option_from_model_config(model_dir):
+    """``detector`` in the archive's handler section picks the detector (RetinaFace by default);
+    an unknown name fails at start-up."""
+    from handlers import faces
+
+    for name, kind in (("mtcnn", faces.FaceDetector), ("retinaface", faces.RetinaFaceDetector)):
+        h = EmotionImageHandler()
+        h.initialize(make_context(model_dir, 1, {"detector": name}))
+        assert isinstance(h.detector(), kind)
+        (answer,), status = run(h, model_dir, [{"body": photo_bytes("single_face.jpg")}])
+        assert status == [200] and answer["faces"][0]["detected"]
+    with pytest.raises(ValueError, match="face detector must be one of"):
+        EmotionImageHandler().initialize(make_context(model_dir, 1, {"detector": "yunet"}))
+
+
 @pytest.mark.parametrize("name,mode", [("single_face.jpg", "auto"), ("group.jpg", "auto"),
                                        ("photo_tight.jpg", "auto"), ("photo_tight.jpg", "always")])
 def test_evaluator_crop_equals_handler_crop(handler, name, mode):
