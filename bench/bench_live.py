@@ -6,7 +6,8 @@ one stream goes, and what the smoothing buys on the labelled clips.
    frames (a labelled MEAD clip on a 640x480 canvas, looped), each sending a frame every 100 ms
    with one frame in flight (a late answer is followed at once by the next frame, as a client
    that drops frames does). A stream is *held* when it got at least 95% of its 10 frames/s and its
-   median latency is under 100 ms; the figure is the largest N with every stream held. Then one
+   median latency is under 100 ms; the figure is the largest N with every stream held (a step that
+   fails is run once more: other work on a shared machine can spoil one). Then one
    stream sending as fast as it is answered: its frames/s.
 2. **Smoothing** (in process, ``EmotionRecognizer.recognize_stream``: the handler's state logic)
    on ``../shared/data/videos/labelled`` at 10 frames/s: label flips of the per-frame label
@@ -25,6 +26,7 @@ import argparse
 import io
 import json
 import logging
+import os
 import statistics
 import sys
 import tempfile
@@ -137,9 +139,12 @@ def serve_part(args: argparse.Namespace) -> dict[str, Any]:
             concurrent(ts, frames, 1, 3.0, None)  # warm-up
             rows, best = [], 0
             for n in range(1, args.max_streams + 1):
-                time.sleep(IDLE_MS / 1000 + 1.0)
-                res = concurrent(ts, frames, n, args.seconds, FPS)
-                ok = held(res)
+                for _ in range(2):  # a step that fails is tried once more (the machine may be shared)
+                    time.sleep(IDLE_MS / 1000 + 1.0)
+                    res = concurrent(ts, frames, n, args.seconds, FPS)
+                    ok = held(res)
+                    if ok:
+                        break
                 rows.append({"streams": n, "held": ok, "fps_min": min(r["fps"] for r in res),
                              "p50_ms": statistics.median(r["p50_ms"] for r in res),
                              "p90_ms": max(r["p90_ms"] for r in res), "errors": sum(r["errors"] for r in res)})
@@ -205,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-serve", action="store_true", help="skip part 1")
     p.add_argument("--no-smoothing", action="store_true", help="skip part 2")
     args = p.parse_args(argv)
-    out: dict[str, Any] = {"torch_threads": torch.get_num_threads()}
+    out: dict[str, Any] = {"torch_threads": torch.get_num_threads(), "load_average": os.getloadavg()}
     if not args.no_serve:
         print("| streams at 10 fps | slowest stream's frames/s | median p50 ms | worst p90 ms | errors | held |")
         print("|---|---|---|---|---|---|")
