@@ -356,11 +356,13 @@ def template_points(size: int, margin: float | None = None, y_shift: float | Non
 
 
 def align_face(img: Image.Image, face: Face, size: int, margin: float | None = None,
-               y_shift: float | None = None) -> Image.Image:
+               y_shift: float | None = None, mode: str | None = None) -> Image.Image:
     """Rotate, scale and crop so the landmarks land on the template; a ``size`` square image.
 
     ``margin``: border on each side as a fraction of the face size; 0 or None = DEFAULT_MARGIN
-    (FER2013 framing). Parts of the crop outside the image repeat the edge pixels.
+    (FER2013 framing). Parts of the crop outside the image repeat the edge pixels. ``mode``
+    (e.g. ``"L"``): the crop converted to it, the pixels of ``align_face(img.convert(mode), ...)``
+    without converting the rest of a large frame.
     """
     m, t = similarity_transform(face.landmarks, template_points(size, margin, y_shift, face.detector))
     scale = math.sqrt(abs(np.linalg.det(m)))
@@ -370,6 +372,8 @@ def align_face(img: Image.Image, face: Face, size: int, margin: float | None = N
     x0, y0 = np.floor(src.min(0)).astype(int) - 1
     x1, y1 = np.ceil(src.max(0)).astype(int) + 1
     region = _crop_edge_padded(img, x0, y0, x1, y1)
+    if mode and region.mode != mode:
+        region = region.convert(mode)
     # Shrink large faces first (antialiased), so the affine step samples at about 1:1.
     shrink = min(1.0, scale)
     if shrink < 1.0:

@@ -195,11 +195,10 @@ class VideoPipeline:
                 frames_of = req.sampled if k == 0 else sorted(t.faces)
                 for i in frames_of:
                     face = t.faces.get(i) or t.faces[min(t.faces, key=lambda j: (abs(j - i), j))]
-                    img = frame(i)
                     if self.detection == "auto" and faces.is_tight_crop(req.frames[i], [face]):
-                        crop = img  # a face crop already: classified whole, as the image handler does
-                    else:
-                        crop = faces.align_face(img, face, self.size, self.margin)
+                        crop = frame(i)  # a face crop already: classified whole, as the image handler does
+                    else:  # converted to the model's mode around the face only
+                        crop = faces.align_face(req.frames[i], face, self.size, self.margin, mode=self.pil_mode)
                     p.crops[i] = preprocess.to_model_input(crop, self.spec)
                 self._clips(req, p, main=k == 0)
                 req.people.append(p)

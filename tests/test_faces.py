@@ -212,6 +212,20 @@ def test_align_on_template_is_identity():
     np.testing.assert_allclose(F.template_points(96, 0), F.template_points(96, F.DEFAULT_MARGIN))
 
 
+@pytest.mark.parametrize("offset", [(150.0, 120.0), (-30.0, 200.0)])  # inside; partly off the left edge
+def test_align_face_converts_only_the_crop(offset):
+    """``mode``: the pixels of aligning the converted image (the video pipeline converts each
+    1080p frame around its faces only), for a large face (shrunk first) and one at the edge."""
+    img = Image.open(PHOTOS.parent / "video" / "face_happy.jpg").convert("RGB").resize((640, 360))
+    a = math.radians(12)
+    rot = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+    pts = (F.template_points(48) - 24) @ rot.T * 4 + offset  # a face about 4x the crop, turned 12 degrees
+    face = F.Face([0, 0, 1, 1], 1.0, pts.tolist(), "retinaface")
+    whole = np.asarray(F.align_face(img.convert("L"), face, 48))
+    assert np.array_equal(np.asarray(F.align_face(img, face, 48, mode="L")), whole)
+    assert F.align_face(img, face, 48, mode="RGB").mode == "RGB"
+
+
 def test_box_crop_is_the_square_box_with_its_margin():
     """A 40x20 white box on black: the crop is square around its centre, 40 px (margin 0) or
     48 px (margin 0.1) of the photo, edge-padded past the border, at the asked size."""

@@ -1,16 +1,19 @@
 """Bounded video decoding and frame sampling (handlers/video_decode.py) on real encoded clips."""
 from __future__ import annotations
 
+import io
 import random
 from pathlib import Path
+
+import av
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from handlers.preprocess import InputError
-from handlers.video_decode import (VideoLimits, decode_frames, decode_video, probe_video, sample_indices,
-                                   windows)
+from handlers.video_decode import (VideoLimits, _decode_skipping, decode_frames, decode_video, probe_video,
+                                   read_clip, sample_indices, to_rgb, windows)
 from tests.videoutil import KINDS, encode, encode_audio, moving_face
 
 FIX = Path(__file__).parent / "fixtures" / "video"
@@ -158,3 +161,41 @@ def test_windows_cover_the_timeline():
     assert len(one) == 1 and one[0].end == pytest.approx(2.0)
     slow = windows([0.0, 3.0, 6.0], 1.0, 1.0, clip_len=4)  # a slow GIF: windows between frames
     assert slow[1].indices == [0, 0, 0, 0] and slow[3].indices == [1, 1, 1, 1]
+
+
+def _pixels(frames: dict[int, Image.Image]) -> dict[int, np.ndarray]:
+    return {i: np.asarray(im) for i, im in sorted(frames.items())}
+
+
+@pytest.mark.parametrize("path", ["mead_happy_1s_128.mp4", "face_leaves_hevc_256x144.mov"])
+def test_skipping_unwanted_frames_gives_the_full_decodes_pixels(path):
+    """H.264/HEVC: with the probe's pts, the unwanted non-reference frames are skipped, and the
+    wanted frames come out pixel for pixel as when every frame is decoded."""
+    data = (FIX / path).read_bytes()
+    info = probe_video(data)
+    assert len(info.pts) == info.n_frames and info.pts == sorted(info.pts)
+    wanted = sample_indices(info.n_frames, 7)
+    skipping = _decode_skipping(data, sorted(set(wanted)), VideoLimits(), info.pts)
+    assert skipping is not None  # the skipping path answered, no fallback
+    full = _pixels(decode_frames(data, wanted))  # no pts: every frame decoded, counted
+    assert list(full) == sorted(set(wanted))
+    assert all(np.array_equal(a, b) for a, b in zip(full.values(), _pixels(skipping).values()))
+    assert all(np.array_equal(full[i], np.asarray(im)) for i, im in zip(wanted, read_clip(data, lambda _: wanted).frames))
+
+
+def test_skipping_falls_back_to_decoding_every_frame(frames):
+    data = encode(frames, "mp4")
+    info = probe_video(data)
+    full = _pixels(decode_frames(data, [2, 9, 19]))
+    wrong = [p + 1 for p in info.pts]  # pts that no frame has: the skipping path gives up
+    assert _decode_skipping(data, [2, 9, 19], VideoLimits(), wrong) is None
+    assert all(np.array_equal(full[i], a) for i, a in _pixels(decode_frames(data, [2, 9, 19], pts=wrong)).items())
+    vp9 = encode(frames, "webm")  # not a skipping codec: every frame decoded
+    assert _decode_skipping(vp9, [3], VideoLimits(), probe_video(vp9).pts) is None
+
+
+def test_to_rgb_is_to_image(frames):
+    data = encode(frames, "mov")
+    with av.open(io.BytesIO(data)) as container:
+        frame = next(container.decode(video=0))
+        assert np.array_equal(np.asarray(to_rgb(frame)), np.asarray(frame.to_image()))
