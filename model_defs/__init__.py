@@ -1,5 +1,6 @@
 """Networks, their specs and the checkpoint format."""
-from .checkpoint import (CheckpointError, adapt_input_channels, atomic_save, checkpoint_dict, is_checkpoint, load_checkpoint, load_file,
+from .checkpoint import (CheckpointError, adapt_input_channels, atomic_save, atomic_write, checkpoint_dict,
+                         is_checkpoint, load_checkpoint, load_file,
                          load_model, metadata, save_weights, unwrap)
 from .defaults import DEFAULT_MODEL, SHIPPED_WEIGHTS
 from .inference import ViewAverage, TemperatureScaled, inference_model
@@ -15,5 +16,5 @@ __all__ = [
     "create_model", "default_spec", "list_models", "register_model",
     "ViewAverage", "TemperatureScaled", "inference_model",
     "load_model", "load_checkpoint", "load_file", "is_checkpoint", "save_weights", "atomic_save",
-    "checkpoint_dict", "metadata", "unwrap", "CheckpointError", "adapt_input_channels", "with_channels",
+    "checkpoint_dict", "metadata", "unwrap", "CheckpointError", "adapt_input_channels", "with_channels", "atomic_write",
 ]

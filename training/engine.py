@@ -19,7 +19,8 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from handlers.preprocess import LUMA_WEIGHTS, normalize
-from model_defs import atomic_save, checkpoint_dict, inference_model, load_checkpoint, save_weights, unwrap
+from model_defs import (atomic_save, atomic_write, checkpoint_dict, inference_model, load_checkpoint, save_weights,
+                        unwrap)
 
 from .augment import AugmentConfig, train_batch
 from .ema import WeightAverage
@@ -301,7 +302,7 @@ def fit(model: nn.Module, train_loader, val_loader, cfg: FitConfig, device: torc
                                         scaler=scaler.state_dict(), epoch=epoch, best=best, history=history,
                                         config=_plain(asdict(cfg)),
                                         **({"ema": ema.state_dict()} if ema is not None else {})), ckpt_path)
-            atomic_json(history, out / HISTORY_JSON)
+            atomic_write(out / HISTORY_JSON, lambda f: f.write(json.dumps(history, indent=1).encode()))
             _log_epoch(writer, row, ev)
             log.info("epoch %d/%d loss %.4f val acc %.4f top3 %.4f%s%s (best %.4f @%d) %.0fs", epoch, cfg.epochs,
                      tr["loss"], ev["acc"], ev["acc_top3"], _source_text(ev),
@@ -325,13 +326,6 @@ def _keep_best(model: nn.Module, ev: dict[str, Any], epoch: int, source: str, pa
 
 HISTORY_JSON = "history.json"
 """The run's per-epoch figures (per validation source too), rewritten after every epoch."""
-
-
-def atomic_json(data: Any, path: Path) -> None:
-    """Write ``data`` as JSON to ``path`` through a temporary file (never a half-written file)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
 
 
 def _per_source(ev: dict[str, Any], prefix: str = "") -> dict[str, Any]:

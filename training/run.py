@@ -129,8 +129,6 @@ def data_sources(args: argparse.Namespace) -> tuple[list[Source], list[Source]]:
         val = [Source.parse(t) for t in args.val_source or []]
     except ValueError as e:
         raise SystemExit(str(e)) from e
-    if len({s.name for s in train}) != len(train) or len({s.name for s in val}) != len(val):
-        raise SystemExit("source names must be unique (--source, --val-source)")
     root = Path(args.data) if args.data else None
     list_opts = {"root": root, "one_based": args.one_based}
     if not train:
@@ -151,9 +149,13 @@ def data_sources(args: argparse.Namespace) -> tuple[list[Source], list[Source]]:
     return train, val
 
 
+def load_options(args: argparse.Namespace) -> LoadOptions:
+    return LoadOptions(args.subset, args.seed, args.cache, args.workers)
+
+
 def build_datasets(args: argparse.Namespace, spec: dict) -> tuple[Dataset, Dataset, list[int]]:
     """Single-source training and validation datasets (``--data``-style flags), and the class counts."""
-    opts = LoadOptions(args.subset, args.seed, args.cache, args.workers)
+    opts = load_options(args)
     train, val = data_sources(args)
     if args.task == "video":
         still = Path(args.still_clips) if args.still_clips else None
@@ -200,9 +202,8 @@ def build_loaders(args: argparse.Namespace, spec: dict, device: torch.device, ra
     if not train or not val:
         raise SystemExit("--source and --val-source go together (give at least one of each)")
     try:
-        loaders = multi_source_loaders(train, val, spec, LoadOptions(args.subset, args.seed, args.cache, args.workers),
-                                       args.batch_size, args.class_sampling, args.logit_adjust, args.prior_ref,
-                                       args.best_rule, rank, world, pin)
+        loaders = multi_source_loaders(train, val, spec, load_options(args), args.batch_size, args.class_sampling,
+                                       args.logit_adjust, args.prior_ref, args.best_rule, rank, world, pin)
     except ValueError as e:
         raise SystemExit(str(e)) from e
     return loaders.train, loaders.val, loaders.class_counts, loaders.logit_adjust
