@@ -54,7 +54,10 @@ TASKS: dict[str, TaskPackage] = {
     ),
     "video": TaskPackage(
         handler="handlers/video_handler.py",
-        model_config={"minWorkers": 1, "maxWorkers": 1, "batchSize": 4, "maxBatchDelay": 50,
+        # A clip takes hundreds of ms, so clips that arrive while one is served queue up and form
+        # the next batch by themselves; waiting for more (the first default was 50 ms) only
+        # delays a lone clip (bench/bench_detectors.py, the 1080p clip at concurrency 1).
+        model_config={"minWorkers": 1, "maxWorkers": 1, "batchSize": 4, "maxBatchDelay": 5,
                       "responseTimeout": 300, "startupTimeout": 120},
     ),
 }

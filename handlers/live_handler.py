@@ -39,7 +39,7 @@ import torch
 from ts.torch_handler.base_handler import BaseHandler
 
 try:  # inside the repository (package import)
-    from . import common, cpu_graph, faces, preprocess
+    from . import common, cpu_graph, faces, preprocess, video_decode
     from . import metrics as handler_metrics
     from .live_engine import LiveEngine, LiveFrame
 except ImportError:  # inside a .mar the shared modules sit flat beside the handler
@@ -48,6 +48,7 @@ except ImportError:  # inside a .mar the shared modules sit flat beside the hand
     import faces  # type: ignore[no-redef]
     import metrics as handler_metrics  # type: ignore[no-redef]
     import preprocess  # type: ignore[no-redef]
+    import video_decode  # type: ignore[no-redef]
     from live_engine import LiveEngine, LiveFrame  # type: ignore[no-redef]
 
 logger = logging.getLogger(__name__)
@@ -88,6 +89,7 @@ class EmotionLiveHandler(BaseHandler):
         detector = None if str(opts["detection"]) == "never" else faces.detector_for(
             opts, self.device, max_faces=int(opts["max_people"]))
         self.engine = LiveEngine(self.spec, opts, detector)
+        video_decode.reuse_frame_memory()
         self.labels = self.engine.labels
         example = torch.randn(2, *self.engine.pipeline.input_shape(), generator=torch.Generator().manual_seed(0))
         self.model, self.cpu_graph = cpu_graph.optimize_for_cpu(

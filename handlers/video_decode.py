@@ -25,9 +25,11 @@ if TYPE_CHECKING:
     import av
 
 try:  # inside the repository (package import)
+    from .common import usable_cpus
     from .contract import VIDEO_DEFAULTS
     from .preprocess import InputError
 except ImportError:  # inside a .mar the shared modules sit flat beside the handler
+    from common import usable_cpus  # type: ignore[no-redef]
     from contract import VIDEO_DEFAULTS  # type: ignore[no-redef]
     from preprocess import InputError  # type: ignore[no-redef]
 
@@ -57,14 +59,66 @@ class VideoLimits:
     max_duration_s: float = VIDEO_DEFAULTS["max_duration_s"]  # stream duration
     max_frames: int = VIDEO_DEFAULTS["max_frames"]  # frames in the stream (all are demuxed, most are decoded)
     max_pixels: int = VIDEO_DEFAULTS["max_pixels"]  # per frame
+    # not a bound but the decoder's one quality setting, H.264/HEVC's in-loop deblocking filter:
+    # "on", "off" (:data:`NO_DEBLOCKING`) or "auto" (:meth:`deblocks`)
+    deblock: str = VIDEO_DEFAULTS["deblock"]
+
+    def __post_init__(self) -> None:
+        if self.deblock not in DEBLOCK_MODES:
+            raise ValueError(f"deblock: {self.deblock!r} is not one of {', '.join(DEBLOCK_MODES)}")
+
+    def deblocks(self, width: int, height: int) -> bool:
+        """Whether frames of this size are deblocked: "auto" up to :data:`DEBLOCK_AUTO_MAX_PIXELS`."""
+        if self.deblock == "auto":
+            return width * height <= DEBLOCK_AUTO_MAX_PIXELS
+        return self.deblock == "on"
 
     @classmethod
     def from_mapping(cls, cfg: dict | None) -> "VideoLimits":
         """Build from a config mapping, ignoring unknown keys and ``None`` values."""
         cfg = cfg or {}
-        kw = {k: type(getattr(cls, k))(v) for k, v in cfg.items()
+        kw = {k: _as_type(getattr(cls, k), v) for k, v in cfg.items()
               if k in cls.__dataclass_fields__ and v is not None}
         return cls(**kw)
+
+
+def _as_type(default: object, value: object) -> object:
+    """``value`` as the type of ``default``; YAML's booleans (``deblock: on``) as "on"/"off"."""
+    if isinstance(default, str) and isinstance(value, bool):
+        return "on" if value else "off"
+    return type(default)(value)
+
+
+DEBLOCK_MODES = ("auto", "on", "off")
+
+DEBLOCK_AUTO_MAX_PIXELS = 1280 * 720
+"""``deblock: auto`` filters frames up to 720p and skips the filter above, where it costs most:
+on the 4 s 1080p street clip the filter is a fifth or more of decoding (in the video handler,
+medians of 10: 296 ms without it against 348 with it). Its answers hardly move (mean change of a
+class probability 0.005 on the 12 labelled 256x256 clips), but one of them, already close between
+sad and neutral, flips, so small videos keep the exact decode."""
+
+NO_DEBLOCKING = {"skip_loop_filter": "all"}
+"""Decoder options that skip the in-loop deblocking filter of H.264/HEVC. The pixels move by about
+2 grey levels on average (the block edges the filter would smooth, drifting until the next
+keyframe); both decoding paths use the same setting, so they still agree."""
+
+
+FRAME_THREADS_FROM_CPUS = 4
+"""FFmpeg decodes several frames at once (frame threads) only where the process may use at least
+this many CPUs; below, slice threads only. On this project's 2 cores frame threads cost more than
+they give: the 24 sampled frames of the 4 s 1080p clip decoded in 233 ms with slice threads (one
+thread for x264's one-slice frames) against 283 ms with frame threads (medians of 10 in the video
+handler, the loop filter off; the clip's answer took 363 against 417 ms). Not measured above 2."""
+
+
+def _prepare_decoder(stream: av.video.stream.VideoStream, limits: VideoLimits) -> None:
+    """Threads (:data:`FRAME_THREADS_FROM_CPUS`) and the deblocking setting of ``limits``, before
+    the first packet."""
+    stream.thread_type = "AUTO" if usable_cpus() >= FRAME_THREADS_FROM_CPUS else "SLICE"
+    ctx = stream.codec_context
+    if not limits.deblocks(ctx.width, ctx.height):
+        ctx.options = dict(NO_DEBLOCKING)
 
 
 @dataclass
@@ -220,7 +274,7 @@ def decode_frames(source: VideoSource, indices: Iterable[int], limits: VideoLimi
     n = 0
     with _open(source, limits) as container:
         stream = _video_stream(container, limits)
-        stream.thread_type = "AUTO"
+        _prepare_decoder(stream, limits)
         want = set(wanted)
         try:
             for frame in container.decode(stream):
@@ -263,7 +317,7 @@ def _decode_skipping(source: VideoSource, wanted: list[int], limits: VideoLimits
         ctx = stream.codec_context
         if ctx.name not in SKIPPING_CODECS:
             return None
-        stream.thread_type = "AUTO"
+        _prepare_decoder(stream, limits)
         try:
             for packet in container.demux(stream):
                 i = rank.get(packet.pts) if packet.size else None
@@ -317,6 +371,19 @@ def sample_at_rate(info: VideoInfo, fps: float, min_frames: int, max_frames: int
     ``min_frames`` (repeating frames in very short videos) and at most ``max_frames``."""
     want = int(round(info.duration * fps)) if fps > 0 else min_frames
     return sample_indices(info.n_frames, max(min_frames, min(want, max_frames)))
+
+
+FRAME_MEMORY_BLOCKS = 32
+"""Freed PIL image blocks a video worker keeps for its next frames (:func:`reuse_frame_memory`):
+a 1080p RGB frame is one 8 MB block, so at most about 256 MB stay with the process."""
+
+
+def reuse_frame_memory(blocks: int = FRAME_MEMORY_BLOCKS) -> None:
+    """Let PIL (process-wide) keep up to ``blocks`` freed image blocks and reuse them, instead of
+    returning each frame's memory to the system and faulting fresh pages in for the next: on this
+    project's 2-core VM, decoding the 24 sampled frames of the 4 s 1080p clip fell from about 460 to
+    330 ms (``bench/bench_video.py``). Called by the handlers that decode frames, at start-up."""
+    Image.core.set_blocks_max(max(blocks, Image.core.get_blocks_max()))
 
 
 def to_rgb(frame: av.VideoFrame) -> Image.Image:

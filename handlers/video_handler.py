@@ -31,7 +31,7 @@ import torch
 from ts.torch_handler.base_handler import BaseHandler
 
 try:  # inside the repository (package import)
-    from . import common, cpu_graph, explain, faces, preprocess, video_pipeline
+    from . import common, cpu_graph, explain, faces, preprocess, video_decode, video_pipeline
     from . import metrics as handler_metrics
     from .video_batch import VideoBatch, VideoRequest
 except ImportError:  # inside a .mar the shared modules sit flat beside the handler
@@ -41,6 +41,7 @@ except ImportError:  # inside a .mar the shared modules sit flat beside the hand
     import faces  # type: ignore[no-redef]
     import metrics as handler_metrics  # type: ignore[no-redef]
     import preprocess  # type: ignore[no-redef]
+    import video_decode  # type: ignore[no-redef]
     import video_pipeline  # type: ignore[no-redef]
     from video_batch import VideoBatch, VideoRequest  # type: ignore[no-redef]
 
@@ -74,6 +75,7 @@ class EmotionVideoHandler(BaseHandler):
             # pixels); up to max_people faces per frame are kept and tracked
             detector = faces.detector_for(opts, self.device, max_faces=int(opts["max_people"]))
         self.pipeline = video_pipeline.VideoPipeline(self.spec, opts, detector)
+        video_decode.reuse_frame_memory()
         self.limits = self.pipeline.limits
         self.clip_len = self.pipeline.clip_len
         self.time_dim = self.pipeline.time_dim

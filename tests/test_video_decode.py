@@ -199,3 +199,28 @@ def test_to_rgb_is_to_image(frames):
     with av.open(io.BytesIO(data)) as container:
         frame = next(container.decode(video=0))
         assert np.array_equal(np.asarray(to_rgb(frame)), np.asarray(frame.to_image()))
+
+
+@pytest.mark.parametrize("path", ["mead_happy_1s_128.mp4", "face_leaves_hevc_256x144.mov"])
+def test_deblocking_is_a_setting_and_off_moves_pixels_little(path):
+    """``deblock`` (``VIDEO_DEFAULTS``): off, H.264/HEVC skip the in-loop filter, so frames differ
+    from the filtered decode, but by a few grey levels on average; auto filters these small clips."""
+    data = (FIX / path).read_bytes()
+    wanted = sample_indices(probe_video(data).n_frames, 7)
+    on = _pixels(decode_frames(data, wanted, VideoLimits(deblock="on")))
+    off = _pixels(decode_frames(data, wanted, VideoLimits(deblock="off")))
+    auto = _pixels(decode_frames(data, wanted, VideoLimits()))
+    assert all(np.array_equal(on[i], auto[i]) for i in on)
+    diffs = [float(np.abs(on[i].astype(int) - off[i].astype(int)).mean()) for i in on]
+    assert max(diffs) > 0  # the setting reaches the decoder
+    assert max(diffs) < 3.0
+
+
+def test_deblocking_modes():
+    assert VideoLimits().deblock == "auto"
+    assert VideoLimits().deblocks(1280, 720) and not VideoLimits().deblocks(1920, 1080)
+    assert VideoLimits(deblock="on").deblocks(3840, 2160) and not VideoLimits(deblock="off").deblocks(64, 64)
+    assert VideoLimits.from_mapping({"deblock": True}).deblock == "on"  # YAML's `deblock: on`
+    assert VideoLimits.from_mapping({"deblock": False}).deblock == "off"
+    with pytest.raises(ValueError, match="deblock"):
+        VideoLimits.from_mapping({"deblock": "sometimes"})

@@ -15,6 +15,7 @@ import yaml
 from PIL import Image
 
 from export.__main__ import main as export_main
+from export.archive import ALL_TASKS
 from export.torchscript import example_input, load_scripted
 from handlers.video_decode import sample_indices
 from handlers.video_handler import EmotionVideoHandler
@@ -73,7 +74,9 @@ def test_archive_and_spec(handler, model_dir):
     assert {"video_handler.py", "common.py", "faces.py", "preprocess.py", "video_decode.py"} <= names
     assert "image_handler.py" not in names
     cfg = yaml.safe_load((model_dir / "model-config.yaml").read_text())
-    assert cfg["batchSize"] == 4 and cfg["maxBatchDelay"] == 50
+    wanted = ALL_TASKS["video"].model_config
+    assert (cfg["batchSize"], cfg["maxBatchDelay"]) == (wanted["batchSize"], wanted["maxBatchDelay"])
+    assert cfg["maxBatchDelay"] <= 10  # a lone clip is not held back waiting for others
     assert {"max_bytes", "max_duration_s", "max_frames", "max_pixels", "window_seconds",
             "window_stride", "detection"} <= set(cfg["handler"])
     assert handler.limits.max_duration_s == cfg["handler"]["max_duration_s"]
