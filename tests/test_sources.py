@@ -286,3 +286,27 @@ def test_a_source_can_be_framed_as_served(tmp_path: Path):
     framed = source_dataset(Source.parse(f"web={tmp_path},detect=auto"), MNV2)[0][0]
     served = to_uint8(detected_face_crop(MNV2, mode="auto")(Image.open(photo).convert("RGB")), MNV2)
     assert torch.equal(framed, served) and not torch.equal(framed, whole)
+
+
+def test_a_teacher_is_mixed_into_one_sources_targets(tmp_path: Path):
+    """``teacher=DIR,teacher_weight=X``: the answers ``python -m training.distill`` wrote for a
+    source's images are mixed into that source's targets only (learning without forgetting)."""
+    teacher = tmp_path / "teacher.pth"
+    torch.manual_seed(0)
+    save_weights(create_model("emo_mobilenet_v2"), teacher)
+    out = tmp_path / "targets"
+    subprocess.run([sys.executable, "-m", "training.distill", "--teachers", str(teacher), "--train-dir", str(COLOUR),
+                    "--out", str(out), "--threads", "1"], check=True, cwd=REPO, capture_output=True)
+    src = Source.parse(f"affectnet={COLOUR},teacher={out},teacher_weight=0.25")
+    ds = source_dataset(src, MNV2)
+    from training.distill import read_targets
+    answers = read_targets(out)[0]
+    for i, f in enumerate(ds.files):
+        want = 0.75 * torch.nn.functional.one_hot(torch.tensor(ds.labels[i]), len(LABELS)).float() \
+            + 0.25 * answers[Path(f).relative_to(COLOUR).as_posix()]
+        assert torch.allclose(ds.targets[i], want, atol=1e-6)
+    assert source_dataset(Source("fer", GREY), MNV2).targets is None  # other sources keep their labels
+    with pytest.raises(ValueError, match="no answers"):
+        source_dataset(Source.parse(f"fer={GREY},teacher={out}"), MNV2)
+    with pytest.raises(ValueError, match="teacher_weight"):
+        Source.parse(f"a=b,teacher={out},teacher_weight=2")

@@ -29,7 +29,7 @@ from handlers.video_decode import read_clip, sample_at_rate
 from model_defs import LABELS, load_model
 
 from .clip_datasets import VIDEO_EXTS
-from .datasets import ImageFolderDataset, _EncodedImages, _images_below
+from .datasets import _EncodedImages, _images_below
 from .engine import predict_logits, prepare_batch
 from .labelled_files import class_folders
 
@@ -146,14 +146,17 @@ class SoftTargetImages(_EncodedImages):
         self.targets = torch.stack([p for _, p in items]) if items else torch.empty(0, len(LABELS))
 
 
-def mix_teacher_targets(ds: ImageFolderDataset, teacher: dict[str, torch.Tensor], weight: float) -> int:
+def mix_teacher_targets(ds: _EncodedImages, teacher: dict[str, torch.Tensor], weight: float,
+                        root: Path | None = None) -> int:
     """Set ``ds.targets`` to ``(1 - weight) * its target + weight * the teacher's`` for every image
-    the teacher answered (others keep theirs); returns how many were mixed."""
+    the teacher answered (others keep theirs), the images named by their path relative to ``root``
+    (default: the ImageFolder's); returns how many were mixed."""
+    root = Path(root if root is not None else ds.root)
     own = ds.targets if ds.targets is not None else torch.nn.functional.one_hot(
         torch.as_tensor(ds.labels), len(LABELS)).float()
     own, n = own.clone(), 0
     for i, f in enumerate(ds.files):
-        p = teacher.get(Path(f).relative_to(ds.root).as_posix())
+        p = teacher.get(Path(f).relative_to(root).as_posix())
         if p is not None:
             own[i], n = (1 - weight) * own[i] + weight * p, n + 1
     ds.targets = own

@@ -39,7 +39,8 @@ BEST_RULES = ("mean", "min")
 """Rules over the validation sources' top-1 for the best epoch; a source's name picks that source alone."""
 _OPTIONS: dict[str, Callable[[str], Any]] = {"weight": float, "soft": Path, "label_weight": float, "root": Path,
                                             "one_based": lambda v: v.lower() in ("1", "true", "yes"),
-                                            "detect": lambda v: one_of(v, DETECTION_MODES)}
+                                            "detect": lambda v: one_of(v, DETECTION_MODES),
+                                            "teacher": Path, "teacher_weight": float}
 _FIELDS = {"soft": "soft_labels"}
 """Option names that differ from the ``Source`` field they set."""
 
@@ -89,14 +90,23 @@ class Source:
     detect: str = "never"
     """``auto``/``always``: each image goes through the served detection and alignment first (the
     crop a served photo gets: loose web crops framed as the network sees faces at serving)."""
+    teacher: Path | None = None
+    """A ``python -m training.distill --train-dir PATH`` output folder: its answers on this
+    source's images are mixed into their targets (a teacher's view kept while learning the labels,
+    e.g. the shipped model's, so that what it knew is not forgotten)."""
+    teacher_weight: float = 0.3
+    """With ``teacher``: the teacher's share of each target."""
 
     @classmethod
     def parse(cls, text: str) -> "Source":
-        """``name=path[,weight=W][,soft=CSV][,label_weight=X][,root=DIR][,one_based=1][,detect=auto]``."""
+        """``name=path[,weight=W][,soft=CSV][,label_weight=X][,root=DIR][,one_based=1][,detect=auto]
+        [,teacher=DIR][,teacher_weight=X]``."""
         name, path, options = parse_named(text, _OPTIONS)
         src = cls(name, path, **{_FIELDS.get(k, k): v for k, v in options.items()})
         if not (src.weight > 0 and math.isfinite(src.weight)):
             raise ValueError(f"source {src.name!r}: weight must be positive, got {src.weight}")
+        if not 0.0 <= src.teacher_weight <= 1.0:
+            raise ValueError(f"source {src.name!r}: teacher_weight must be in [0, 1], got {src.teacher_weight}")
         return src
 
     def as_dict(self) -> dict[str, Any]:
@@ -115,7 +125,21 @@ def source_dataset(src: Source, spec: Mapping[str, Any], face_crop: FaceCropFn |
         ds = image_dataset(src.path, spec, face_crop)
     if src.soft_labels:
         ds.targets = soft_targets(ds.files, ds.labels, read_votes(src.soft_labels), src.label_weight)
+    if src.teacher:
+        _mix_teacher(ds, src)
     return ds
+
+
+def _mix_teacher(ds: _EncodedImages, src: Source) -> None:
+    """Mix ``src.teacher``'s answers into ``ds``'s targets; ValueError if it answered none of them."""
+    from .distill import mix_teacher_targets, read_targets  # distill imports the engine, which imports this
+
+    root = src.root or src.path.parent if src.path.is_file() else src.path
+    n = mix_teacher_targets(ds, read_targets(src.teacher)[0], src.teacher_weight, root)
+    if n == 0:
+        raise ValueError(f"source {src.name!r}: {src.teacher} has no answers for its images "
+                         f"(python -m training.distill --train-dir {src.path})")
+    log.info("source %s: teacher answers mixed into %d of %d targets (weight %.2f)", src.name, n, len(ds), src.teacher_weight)
 
 
 @dataclass(frozen=True)
