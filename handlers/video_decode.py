@@ -381,8 +381,9 @@ a 1080p RGB frame is one 8 MB block, so at most about 256 MB stay with the proce
 def reuse_frame_memory(blocks: int = FRAME_MEMORY_BLOCKS) -> None:
     """Let PIL (process-wide) keep up to ``blocks`` freed image blocks and reuse them, instead of
     returning each frame's memory to the system and faulting fresh pages in for the next: on this
-    project's 2-core VM, decoding the 24 sampled frames of the 4 s 1080p clip fell from about 460 to
-    330 ms (``bench/bench_video.py``). Called by the handlers that decode frames, at start-up."""
+    project's 2-core VM, decoding the 24 sampled frames of the 4 s 1080p clip in the video handler
+    fell from 391-410 to 353-366 ms (medians of 5, alternated). Called by the handlers that decode
+    frames, at start-up."""
     Image.core.set_blocks_max(max(blocks, Image.core.get_blocks_max()))
 
 
