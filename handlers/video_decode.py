@@ -10,6 +10,7 @@ container without usable video.
 """
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import bisect
@@ -112,10 +113,15 @@ thread for x264's one-slice frames) against 283 ms with frame threads (medians o
 handler, the loop filter off; the clip's answer took 363 against 417 ms). Not measured above 2."""
 
 
+@functools.lru_cache(maxsize=1)
+def _thread_type() -> str:
+    """FFmpeg's thread type for this process (:data:`FRAME_THREADS_FROM_CPUS`), decided once."""
+    return "AUTO" if usable_cpus() >= FRAME_THREADS_FROM_CPUS else "SLICE"
+
+
 def _prepare_decoder(stream: av.video.stream.VideoStream, limits: VideoLimits) -> None:
-    """Threads (:data:`FRAME_THREADS_FROM_CPUS`) and the deblocking setting of ``limits``, before
-    the first packet."""
-    stream.thread_type = "AUTO" if usable_cpus() >= FRAME_THREADS_FROM_CPUS else "SLICE"
+    """Threads (:func:`_thread_type`) and the deblocking setting of ``limits``, before the first packet."""
+    stream.thread_type = _thread_type()
     ctx = stream.codec_context
     if not limits.deblocks(ctx.width, ctx.height):
         ctx.options = dict(NO_DEBLOCKING)

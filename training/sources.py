@@ -120,7 +120,7 @@ def source_dataset(src: Source, spec: Mapping[str, Any], face_crop: FaceCropFn |
     if face_crop is None and src.detect != "never":
         face_crop = detected_face_crop(spec, mode=src.detect)
     if src.path.is_file() and src.path.suffix.lower() != ".csv":
-        ds: _EncodedImages = ListFileDataset(src.root or src.path.parent, src.path, spec, src.one_based, face_crop)
+        ds: _EncodedImages = ListFileDataset(_image_root(src), src.path, spec, src.one_based, face_crop)
     else:
         ds = image_dataset(src.path, spec, face_crop)
     if src.soft_labels:
@@ -130,12 +130,17 @@ def source_dataset(src: Source, spec: Mapping[str, Any], face_crop: FaceCropFn |
     return ds
 
 
+def _image_root(src: Source) -> Path:
+    """The folder a source's image paths are relative to: a file's (a list file's ``root`` if
+    given), else the source's folder."""
+    return (src.root or src.path.parent) if src.path.is_file() else src.path
+
+
 def _mix_teacher(ds: _EncodedImages, src: Source) -> None:
     """Mix ``src.teacher``'s answers into ``ds``'s targets; ValueError if it answered none of them."""
     from .distill import mix_teacher_targets, read_targets  # distill imports the engine, which imports this
 
-    root = src.root or src.path.parent if src.path.is_file() else src.path
-    n = mix_teacher_targets(ds, read_targets(src.teacher)[0], src.teacher_weight, root)
+    n = mix_teacher_targets(ds, read_targets(src.teacher)[0], src.teacher_weight, _image_root(src))
     if n == 0:
         raise ValueError(f"source {src.name!r}: {src.teacher} has no answers for its images "
                          f"(python -m training.distill --train-dir {src.path})")
