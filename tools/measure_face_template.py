@@ -10,7 +10,9 @@ should be close to the identity.
     .venv/bin/python tools/measure_face_template.py --data ../shared/data/fer2013/val [--detector retinaface]
 
 For a detector other than MTCNN the layout is also printed in MTCNN's face-size units
-(FER_FACE_SIZE of the crop side), the units of ``faces.TEMPLATES``: that is its template.
+(FER_FACE_SIZE of the crop side), the units of ``faces.TEMPLATES``. The served RetinaFace
+template is not this one (landmarks on upscaled 48 px crops sit otherwise than on sharp photos):
+it is matched to MTCNN's crops on real colour faces by tools/measure_detector_match.py.
 """
 from __future__ import annotations
 
