@@ -288,6 +288,27 @@ def test_a_source_can_be_framed_as_served(tmp_path: Path):
     assert torch.equal(framed, served) and not torch.equal(framed, whole)
 
 
+def test_a_source_can_keep_less_detail():
+    """``detail=48``: AffectNet's 96 px faces keep 48 px of detail (shrunk, then resized to the
+    network's 64 px as every face is), so they are as soft as FER2013's; 0 or a larger width keeps
+    them whole; a negative width is refused."""
+    sharp = source_dataset(Source("web", COLOUR), MNV2)
+    soft = source_dataset(Source.parse(f"web={COLOUR},detail=48"), MNV2)
+    img = Image.open(soft.files[0]).convert("RGB")
+    expected = to_uint8(img.resize((48, 48), Image.BOX), MNV2)
+    assert torch.equal(soft[0][0], expected) and not torch.equal(soft[0][0], sharp[0][0])
+    wide = source_dataset(Source.parse(f"web={COLOUR},detail=200"), MNV2)
+    assert torch.equal(wide[0][0], sharp[0][0])
+
+    def roughness(x: torch.Tensor) -> float:  # mean absolute difference of neighbouring pixels
+        return float((x[..., 1:].float() - x[..., :-1].float()).abs().mean())
+
+    assert roughness(torch.stack([soft[i][0] for i in range(len(soft))])) < \
+        0.95 * roughness(torch.stack([sharp[i][0] for i in range(len(sharp))]))
+    with pytest.raises(ValueError, match="detail"):
+        Source.parse(f"web={COLOUR},detail=-1")
+
+
 def test_a_teacher_is_mixed_into_one_sources_targets(tmp_path: Path):
     """``teacher=DIR,teacher_weight=X``: the answers ``python -m training.distill`` wrote for a
     source's images are mixed into that source's targets only (learning without forgetting)."""

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from handlers.contract import DETECTION_MODES
@@ -40,7 +41,7 @@ BEST_RULES = ("mean", "min")
 _OPTIONS: dict[str, Callable[[str], Any]] = {"weight": float, "soft": Path, "label_weight": float, "root": Path,
                                             "one_based": lambda v: v.lower() in ("1", "true", "yes"),
                                             "detect": lambda v: one_of(v, DETECTION_MODES),
-                                            "teacher": Path, "teacher_weight": float}
+                                            "teacher": Path, "teacher_weight": float, "detail": int}
 _FIELDS = {"soft": "soft_labels"}
 """Option names that differ from the ``Source`` field they set."""
 
@@ -96,17 +97,23 @@ class Source:
     e.g. the shipped model's, so that what it knew is not forgotten)."""
     teacher_weight: float = 0.3
     """With ``teacher``: the teacher's share of each target."""
+    detail: int = 0
+    """Pixels across each face keeps (0 = all it has): the face (after detection) is shrunk to this
+    width before the spec's resize, e.g. AffectNet's sharp 96 px faces at FER2013's 48 px, so that
+    sharpness does not tell the network which source, and so which labelling habits, a face has."""
 
     @classmethod
     def parse(cls, text: str) -> "Source":
         """``name=path[,weight=W][,soft=CSV][,label_weight=X][,root=DIR][,one_based=1][,detect=auto]
-        [,teacher=DIR][,teacher_weight=X]``."""
+        [,teacher=DIR][,teacher_weight=X][,detail=N]``."""
         name, path, options = parse_named(text, _OPTIONS)
         src = cls(name, path, **{_FIELDS.get(k, k): v for k, v in options.items()})
         if not (src.weight > 0 and math.isfinite(src.weight)):
             raise ValueError(f"source {src.name!r}: weight must be positive, got {src.weight}")
         if not 0.0 <= src.teacher_weight <= 1.0:
             raise ValueError(f"source {src.name!r}: teacher_weight must be in [0, 1], got {src.teacher_weight}")
+        if src.detail < 0:
+            raise ValueError(f"source {src.name!r}: detail must be 0 (all) or a width in pixels, got {src.detail}")
         return src
 
     def as_dict(self) -> dict[str, Any]:
@@ -119,6 +126,8 @@ def source_dataset(src: Source, spec: Mapping[str, Any], face_crop: FaceCropFn |
     with soft targets when the source has votes."""
     if face_crop is None and src.detect != "never":
         face_crop = detected_face_crop(spec, mode=src.detect)
+    if src.detail:
+        face_crop = with_detail(face_crop, src.detail)
     if src.path.is_file() and src.path.suffix.lower() != ".csv":
         ds: _EncodedImages = ListFileDataset(_image_root(src), src.path, spec, src.one_based, face_crop)
     else:
@@ -128,6 +137,17 @@ def source_dataset(src: Source, spec: Mapping[str, Any], face_crop: FaceCropFn |
     if src.teacher:
         _mix_teacher(ds, src)
     return ds
+
+
+def with_detail(face_crop: FaceCropFn | None, width: int) -> FaceCropFn:
+    """``face_crop`` (or the image itself) shrunk to at most ``width`` pixels across (box filter,
+    aspect kept); the spec's resize then brings it to the network's input size."""
+    def shrink(img: Image.Image) -> Image.Image:
+        img = face_crop(img) if face_crop is not None else img
+        if img.width <= width:
+            return img
+        return img.resize((width, max(1, round(img.height * width / img.width))), Image.BOX)
+    return shrink
 
 
 def _image_root(src: Source) -> Path:
