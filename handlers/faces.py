@@ -264,7 +264,7 @@ class RetinaFaceDetector:
         self.multiple = retinaface.SIZE_MULTIPLE
         self.max_pixels = MAX_BATCH_PIXELS if self.device.type == "cuda" else 1  # per forward pass
         self.mean = torch.tensor(retinaface.MEAN_BGR, device=self.device)
-        self.net = retinaface.served_net(self.device)
+        self.net = retinaface.detector_net(self.device)
 
     def detect(self, images: Sequence[Image.Image]) -> list[list[Face]]:
         """Faces per image, largest first, at most ``max_faces``; none smaller than the minimum."""

@@ -65,6 +65,34 @@ def test_served_network_equals_the_eager_one():
     assert boxes.shape == (2, anchors, 4) and scores.shape == (2, anchors) and landmarks.shape == (2, anchors, 10)
 
 
+def test_onnxruntime_runs_the_same_network_on_the_cpu(monkeypatch):
+    """On the CPU the detector runs the wheel's ONNX graph on onnxruntime (installed by make install)
+    and finds the faces the PyTorch network finds, to 1e-3 px; without onnxruntime, or on a GPU, it
+    runs the scripted PyTorch network. Neither opens a connection."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the detector tried to use the network")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    x = torch.randn(1, 3, 96, 160, generator=torch.Generator().manual_seed(0)) * 60
+    onnx, eager = R.OnnxRetinaFace(threads=1), R.RetinaFaceNet.from_wheel().eval()
+    with torch.inference_mode():
+        for want, got in zip(eager(x), onnx(x)):
+            assert want.shape == got.shape and torch.allclose(want, got, atol=1e-3)
+    images = [load("group.jpg"), load("single_face.jpg"), load("photo_tight.jpg"), load("no_face.jpg")]
+    default = F.RetinaFaceDetector()
+    assert isinstance(default.net, R.OnnxRetinaFace)
+    monkeypatch.setattr(R, "onnxruntime_available", lambda: False)
+    pytorch = F.RetinaFaceDetector()
+    assert isinstance(pytorch.net, torch.jit.ScriptModule)
+    got, want = default.detect(images), pytorch.detect(images)
+    assert [len(g) for g in got] == [len(w) for w in want] and len(got[0]) >= len(GROUP_BOXES)
+    for g_faces, w_faces in zip(got, want):
+        for g, w in zip(g_faces, w_faces):
+            assert np.abs(np.array(g.box) - w.box).max() < 1e-3 and abs(g.score - w.score) < 1e-5
+            assert np.abs(np.array(g.landmarks) - w.landmarks).max() < 1e-3
+
+
 def test_canvas_groups_cover_every_image_once():
     sizes = [(350, 350), (640, 360), (350, 350), (360, 640), (1920, 1080), (20, 20), (340, 330), (630, 380)]
     groups = F.canvas_groups(sizes)
