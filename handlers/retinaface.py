@@ -308,6 +308,9 @@ class OnnxRetinaFace:
         options = ort.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = max(1, threads), 1
         options.log_severity_level = 3  # errors only: no per-session notices in the worker log
+        # idle intra-op threads sleep instead of spinning: spinning took the CPU from the video
+        # handler's decoder and network (a 4 s 1080p clip: 407-442 ms against 380-394 ms without)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(wheel_onnx_bytes(), options, providers=["CPUExecutionProvider"])
         self._anchors: dict[tuple[int, int], torch.Tensor] = {}
 
