@@ -309,6 +309,29 @@ def test_a_source_can_keep_less_detail():
         Source.parse(f"web={COLOUR},detail=-1")
 
 
+def test_a_sources_emotion_labels_can_be_softened_toward_neutral(tmp_path: Path):
+    """``neutral=0.2``: every non-neutral face's target gives 0.2 to neutral, neutral faces keep
+    theirs, soft (FER+) targets are softened alike; a share outside [0, 1) is refused."""
+    plain = source_dataset(Source.parse(f"web={COLOUR},neutral=0.2"), MNV2)
+    n = LABELS.index("neutral")
+    for i, label in enumerate(plain.labels):
+        want = torch.nn.functional.one_hot(torch.tensor(label), len(LABELS)).float()
+        if label != n:
+            want = want * 0.8 + 0.2 * torch.nn.functional.one_hot(torch.tensor(n), len(LABELS)).float()
+        assert torch.allclose(plain[i][1], want)
+    votes = _votes(tmp_path)
+    soft = source_dataset(Source("fer", GREY, soft_labels=votes), SPEC)
+    softened = source_dataset(Source("fer", GREY, soft_labels=votes, neutral=0.2), SPEC)
+    for i, label in enumerate(soft.labels):
+        want = soft.targets[i].clone()
+        if label != n:
+            want = want * 0.8
+            want[n] += 0.2
+        assert torch.allclose(softened.targets[i], want) and abs(float(softened.targets[i].sum()) - 1) < 1e-5
+    with pytest.raises(ValueError, match="neutral"):
+        Source.parse(f"web={COLOUR},neutral=1")
+
+
 def test_a_teacher_is_mixed_into_one_sources_targets(tmp_path: Path):
     """``teacher=DIR,teacher_weight=X``: the answers ``python -m training.distill`` wrote for a
     source's images are mixed into that source's targets only (learning without forgetting)."""

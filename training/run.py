@@ -44,7 +44,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="a training source (repeat for several): class folders, a folder with labels.csv, or a list "
                         "file; weight = its share of the draws; soft = FER+ votes (label_weight=X); detect=auto = framed as served; "
                         "teacher = a training.distill folder mixed into the targets (teacher_weight=X); detail=N = faces shrunk "
-                        "to N px across first; see training/sources.py")
+                        "to N px across first; neutral=X = X of each emotion label moved to neutral; see training/sources.py")
     p.add_argument("--val-source", action="append", metavar="NAME=PATH",
                    help="a named validation set (repeat for several), scored every epoch")
     p.add_argument("--best-rule", default="mean",

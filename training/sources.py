@@ -41,7 +41,8 @@ BEST_RULES = ("mean", "min")
 _OPTIONS: dict[str, Callable[[str], Any]] = {"weight": float, "soft": Path, "label_weight": float, "root": Path,
                                             "one_based": lambda v: v.lower() in ("1", "true", "yes"),
                                             "detect": lambda v: one_of(v, DETECTION_MODES),
-                                            "teacher": Path, "teacher_weight": float, "detail": int}
+                                            "teacher": Path, "teacher_weight": float, "detail": int,
+                                            "neutral": float}
 _FIELDS = {"soft": "soft_labels"}
 """Option names that differ from the ``Source`` field they set."""
 
@@ -97,6 +98,10 @@ class Source:
     e.g. the shipped model's, so that what it knew is not forgotten)."""
     teacher_weight: float = 0.3
     """With ``teacher``: the teacher's share of each target."""
+    neutral: float = 0.0
+    """Share of each non-neutral face's target moved to neutral: one source's emotion labels
+    softened toward another's habit (AffectNet's annotators name an emotion where FER2013's and the
+    photos' would often say neutral)."""
     detail: int = 0
     """Pixels across each face keeps (0 = all it has): the face (after detection) is shrunk to this
     width before the spec's resize, e.g. AffectNet's sharp 96 px faces at FER2013's 48 px, so that
@@ -105,13 +110,15 @@ class Source:
     @classmethod
     def parse(cls, text: str) -> "Source":
         """``name=path[,weight=W][,soft=CSV][,label_weight=X][,root=DIR][,one_based=1][,detect=auto]
-        [,teacher=DIR][,teacher_weight=X][,detail=N]``."""
+        [,teacher=DIR][,teacher_weight=X][,detail=N][,neutral=X]``."""
         name, path, options = parse_named(text, _OPTIONS)
         src = cls(name, path, **{_FIELDS.get(k, k): v for k, v in options.items()})
         if not (src.weight > 0 and math.isfinite(src.weight)):
             raise ValueError(f"source {src.name!r}: weight must be positive, got {src.weight}")
         if not 0.0 <= src.teacher_weight <= 1.0:
             raise ValueError(f"source {src.name!r}: teacher_weight must be in [0, 1], got {src.teacher_weight}")
+        if not 0.0 <= src.neutral < 1.0:
+            raise ValueError(f"source {src.name!r}: neutral must be in [0, 1), got {src.neutral}")
         if src.detail < 0:
             raise ValueError(f"source {src.name!r}: detail must be 0 (all) or a width in pixels, got {src.detail}")
         return src
@@ -136,7 +143,20 @@ def source_dataset(src: Source, spec: Mapping[str, Any], face_crop: FaceCropFn |
         ds.targets = soft_targets(ds.files, ds.labels, read_votes(src.soft_labels), src.label_weight)
     if src.teacher:
         _mix_teacher(ds, src)
+    if src.neutral:
+        ds.targets = toward_neutral(ds, src.neutral)
     return ds
+
+
+def toward_neutral(ds: _EncodedImages, share: float) -> torch.Tensor:
+    """``ds``'s targets (its labels one-hot if it has none) with ``share`` of every non-neutral
+    face's target moved to neutral; neutral faces keep theirs."""
+    labels = torch.as_tensor(ds.labels)
+    targets = ds.targets.clone() if ds.targets is not None else torch.nn.functional.one_hot(labels, len(LABELS)).float()
+    moved = labels != LABELS.index("neutral")
+    targets[moved] *= 1.0 - share
+    targets[moved, LABELS.index("neutral")] += share
+    return targets
 
 
 def with_detail(face_crop: FaceCropFn | None, width: int) -> FaceCropFn:
