@@ -19,7 +19,8 @@ from model_defs import LABELS, create_model, load_checkpoint, save_weights
 from training.engine import FitConfig, fit
 from training.ferplus import VOTE_COLUMNS
 from training.sources import (MultiSourceDataset, Source, SourceSampler, best_score, check_best_rule, draw_weights,
-                              logit_adjustment, multi_source_loaders, sampled_priors, source_dataset, LoadOptions)
+                              logit_adjustment, multi_source_loaders, sampled_priors, source_dataset, toward_neutral,
+                              LoadOptions)
 
 REPO = Path(__file__).resolve().parents[1]
 GREY = REPO / "tests" / "fixtures" / "faces"  # FER2013 crops: 48x48 grey JPEG, 2 per class
@@ -354,3 +355,60 @@ def test_a_teacher_is_mixed_into_one_sources_targets(tmp_path: Path):
         source_dataset(Source.parse(f"fer={GREY},teacher={out}"), MNV2)
     with pytest.raises(ValueError, match="teacher_weight"):
         Source.parse(f"a=b,teacher={out},teacher_weight=2")
+
+
+def _neutral_answers(folder: Path, root: Path) -> dict[str, float]:
+    """A ``training.distill``-style folder answering every face under ``root``: neutral probability
+    0.1, 0.3, ... by file order, the rest spread over the other classes."""
+    from training.distill import TARGETS_CSV
+
+    folder.mkdir()
+    rows, neutral = [",".join(["kind", "file", *LABELS])], {}
+    for i, f in enumerate(sorted(root.rglob("*.jpg"))):
+        p_n = round(0.1 + 0.2 * (i % 5), 2)
+        probs = [p_n if c == "neutral" else (1 - p_n) / (len(LABELS) - 1) for c in LABELS]
+        rel = f.relative_to(root).as_posix()
+        rows.append(",".join(["train", rel, *map(str, probs)]))
+        neutral[rel] = p_n
+    (folder / TARGETS_CSV).write_text("\n".join(rows) + "\n")
+    return neutral
+
+
+def test_a_teacher_sets_how_far_each_face_is_softened_toward_neutral(tmp_path: Path):
+    """``neutral=X,neutral_teacher=DIR``: each non-neutral face moves X times the teacher's neutral
+    probability to neutral (calm faces more, clearly emotional ones less); neutral faces keep their
+    label; without ``neutral`` the option is refused, and a teacher that answered none is named."""
+    answers = _neutral_answers(tmp_path / "teacher", COLOUR)
+    ds = source_dataset(Source.parse(f"web={COLOUR},neutral=0.5,neutral_teacher={tmp_path / 'teacher'}"), MNV2)
+    n = LABELS.index("neutral")
+    shares = []
+    for i, f in enumerate(ds.files):
+        label = ds.labels[i]
+        share = 0.0 if label == n else 0.5 * answers[Path(f).relative_to(COLOUR).as_posix()]
+        want = torch.nn.functional.one_hot(torch.tensor(label), len(LABELS)).float() * (1 - share)
+        want[n] += share
+        assert torch.allclose(ds.targets[i], want, atol=1e-6)
+        shares.append(share)
+    assert len({round(s, 3) for s in shares if s}) > 2  # the share differs from face to face
+    with pytest.raises(ValueError, match="neutral_teacher needs neutral"):
+        Source.parse(f"web={COLOUR},neutral_teacher={tmp_path / 'teacher'}")
+    with pytest.raises(ValueError, match="no answers"):
+        source_dataset(Source.parse(f"fer={GREY},neutral=0.5,neutral_teacher={tmp_path / 'teacher'}"), MNV2)
+
+
+def test_logit_adjustment_takes_each_priors_from_the_targets_it_trains_toward(tmp_path: Path):
+    """A source whose labels are softened (here half of each sad face's target moved to neutral)
+    has that neutral mass in its prior, so the loss's offsets correct the prior of what the network
+    is actually taught; drawn by class (``class_power``) the mean is over the draws."""
+    ds = _imbalanced(tmp_path)
+    b = ds.datasets[1]
+    b.targets = toward_neutral(b, 0.5)
+    h, s, n = (LABELS.index(c) for c in ("happy", "sad", "neutral"))
+    prior = sampled_priors(ds)
+    assert prior[1, h] == pytest.approx(0.1) and prior[1, s] == pytest.approx(0.4) and prior[1, n] == pytest.approx(0.5)
+    assert prior[0, h] == pytest.approx(0.75)  # hard labels: the class counts, as before
+    drawn = sampled_priors(ds, class_power=1.0)  # b's happy and sad faces drawn alike
+    assert drawn[1, h] == pytest.approx(0.25) and drawn[1, s] == pytest.approx(0.25) and drawn[1, n] == pytest.approx(0.5)
+    adj = logit_adjustment(ds, class_power=0.0, reference=0)
+    floor = 0.5 / len(ds)
+    assert adj[1, n] == pytest.approx(float(torch.log(torch.tensor(0.5 / floor))), rel=1e-5)

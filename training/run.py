@@ -44,7 +44,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="a training source (repeat for several): class folders, a folder with labels.csv, or a list "
                         "file; weight = its share of the draws; soft = FER+ votes (label_weight=X); detect=auto = framed as served; "
                         "teacher = a training.distill folder mixed into the targets (teacher_weight=X); detail=N = faces shrunk "
-                        "to N px across first; neutral=X = X of each emotion label moved to neutral; see training/sources.py")
+                        "to N px across first; neutral=X = X of each emotion label moved to neutral (neutral_teacher=DIR: X times "
+                        "that teacher's neutral probability per face); see training/sources.py")
     p.add_argument("--val-source", action="append", metavar="NAME=PATH",
                    help="a named validation set (repeat for several), scored every epoch")
     p.add_argument("--best-rule", default="mean",
@@ -55,7 +56,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "of their counts (sqrt), or alike (balanced)")
     p.add_argument("--logit-adjust", type=float, default=0.0, metavar="TAU",
                    help="with --source: add TAU * log(source prior / reference prior) to each item's logits in the "
-                        "loss, so the network keeps the reference source's class prior (0 = off)")
+                        "loss, so the network keeps the reference source's class prior (0 = off); a prior is "
+                        "the mean of the source's training targets as drawn")
     p.add_argument("--prior-ref", help="with --logit-adjust: the reference source (default: the first --source)")
     p.add_argument("--soft-labels", metavar="CSV",
                    help="FER+ votes (ferplus_votes.csv): train on a mix of the folder label and the vote distribution")

@@ -42,7 +42,7 @@ _OPTIONS: dict[str, Callable[[str], Any]] = {"weight": float, "soft": Path, "lab
                                             "one_based": lambda v: v.lower() in ("1", "true", "yes"),
                                             "detect": lambda v: one_of(v, DETECTION_MODES),
                                             "teacher": Path, "teacher_weight": float, "detail": int,
-                                            "neutral": float}
+                                            "neutral": float, "neutral_teacher": Path}
 _FIELDS = {"soft": "soft_labels"}
 """Option names that differ from the ``Source`` field they set."""
 
@@ -102,6 +102,11 @@ class Source:
     """Share of each non-neutral face's target moved to neutral: one source's emotion labels
     softened toward another's habit (AffectNet's annotators name an emotion where FER2013's and the
     photos' would often say neutral)."""
+    neutral_teacher: Path | None = None
+    """With ``neutral``: a ``python -m training.distill --train-dir PATH`` output folder; each face
+    moves ``neutral`` times this teacher's neutral probability to neutral instead of ``neutral``
+    alike, so the faces the teacher finds calm are softened and the clearly emotional ones keep
+    their label."""
     detail: int = 0
     """Pixels across each face keeps (0 = all it has): the face (after detection) is shrunk to this
     width before the spec's resize, e.g. AffectNet's sharp 96 px faces at FER2013's 48 px, so that
@@ -110,7 +115,7 @@ class Source:
     @classmethod
     def parse(cls, text: str) -> "Source":
         """``name=path[,weight=W][,soft=CSV][,label_weight=X][,root=DIR][,one_based=1][,detect=auto]
-        [,teacher=DIR][,teacher_weight=X][,detail=N][,neutral=X]``."""
+        [,teacher=DIR][,teacher_weight=X][,detail=N][,neutral=X][,neutral_teacher=DIR]``."""
         name, path, options = parse_named(text, _OPTIONS)
         src = cls(name, path, **{_FIELDS.get(k, k): v for k, v in options.items()})
         if not (src.weight > 0 and math.isfinite(src.weight)):
@@ -119,6 +124,8 @@ class Source:
             raise ValueError(f"source {src.name!r}: teacher_weight must be in [0, 1], got {src.teacher_weight}")
         if not 0.0 <= src.neutral < 1.0:
             raise ValueError(f"source {src.name!r}: neutral must be in [0, 1), got {src.neutral}")
+        if src.neutral_teacher and not src.neutral:
+            raise ValueError(f"source {src.name!r}: neutral_teacher needs neutral=X (the share at the teacher's certainty)")
         if src.detail < 0:
             raise ValueError(f"source {src.name!r}: detail must be 0 (all) or a width in pixels, got {src.detail}")
         return src
@@ -144,19 +151,35 @@ def source_dataset(src: Source, spec: Mapping[str, Any], face_crop: FaceCropFn |
     if src.teacher:
         _mix_teacher(ds, src)
     if src.neutral:
-        ds.targets = toward_neutral(ds, src.neutral)
+        share = src.neutral * _teacher_neutral(ds, src) if src.neutral_teacher else src.neutral
+        ds.targets = toward_neutral(ds, share)
     return ds
 
 
-def toward_neutral(ds: _EncodedImages, share: float) -> torch.Tensor:
-    """``ds``'s targets (its labels one-hot if it has none) with ``share`` of every non-neutral
-    face's target moved to neutral; neutral faces keep theirs."""
+def toward_neutral(ds: _EncodedImages, share: float | torch.Tensor) -> torch.Tensor:
+    """``ds``'s targets (its labels one-hot if it has none) with ``share`` (one for all, or ``(N,)``
+    one per face) of every non-neutral face's target moved to neutral; neutral faces keep theirs."""
     labels = torch.as_tensor(ds.labels)
     targets = ds.targets.clone() if ds.targets is not None else torch.nn.functional.one_hot(labels, len(LABELS)).float()
+    share = torch.as_tensor(share, dtype=targets.dtype).expand(len(labels))
     moved = labels != LABELS.index("neutral")
-    targets[moved] *= 1.0 - share
-    targets[moved, LABELS.index("neutral")] += share
+    targets[moved] *= 1.0 - share[moved, None]
+    targets[moved, LABELS.index("neutral")] += share[moved]
     return targets
+
+
+def _teacher_neutral(ds: _EncodedImages, src: Source) -> torch.Tensor:
+    """``(N,)``: ``src.neutral_teacher``'s neutral probability for each of ``ds``'s images (0 where it
+    gave none); ValueError if it answered none of them."""
+    from .distill import read_targets  # distill imports the engine, which imports this
+
+    answers, root = read_targets(src.neutral_teacher)[0], _image_root(src)
+    n = LABELS.index("neutral")
+    found = [answers.get(Path(f).relative_to(root).as_posix()) for f in ds.files]
+    if not any(p is not None for p in found):
+        raise ValueError(f"source {src.name!r}: {src.neutral_teacher} has no answers for its images "
+                         f"(python -m training.distill --train-dir {src.path})")
+    return torch.tensor([float(p[n]) if p is not None else 0.0 for p in found])
 
 
 def with_detail(face_crop: FaceCropFn | None, width: int) -> FaceCropFn:
@@ -246,16 +269,23 @@ def draw_weights(ds: MultiSourceDataset, source_weights: Sequence[float], class_
 
 
 def sampled_priors(ds: MultiSourceDataset, class_power: float = 0.0) -> torch.Tensor:
-    """``(S, K)``: the class prior of each source's draws (``count ** (1 - class_power)``, normalised)."""
-    counts = torch.tensor(ds.source_counts(), dtype=torch.float64)
-    p = torch.where(counts > 0, counts.clamp(min=1) ** (1 - class_power), torch.zeros_like(counts))
-    return p / p.sum(1, keepdim=True)
+    """``(S, K)``: the class prior of each source's draws: the mean of the targets the network is
+    trained toward (soft targets, a teacher's share, labels softened toward neutral), each item
+    drawn in proportion to its label's ``count ** -class_power``. With hard labels this is
+    ``count ** (1 - class_power)``, normalised."""
+    out = torch.zeros(len(ds.datasets), len(LABELS), dtype=torch.float64)
+    for s, (sub, counts) in enumerate(zip(ds.datasets, ds.source_counts())):
+        labels = torch.as_tensor(sub.labels)
+        targets = sub.targets if sub.targets is not None else torch.nn.functional.one_hot(labels, len(LABELS))
+        draw = torch.tensor(counts, dtype=torch.float64).clamp(min=1)[labels] ** -class_power
+        out[s] = (draw[:, None] * targets.double()).sum(0)
+    return out / out.sum(1, keepdim=True)
 
 
 def logit_adjustment(ds: MultiSourceDataset, class_power: float, reference: int, tau: float = 1.0) -> torch.Tensor:
     """``(S, K)`` offsets added to the logits of source ``s``'s items in the loss:
     ``tau * (log p_s - log p_ref)``, ``p_s`` the prior of its draws and ``p_ref`` the reference
-    source's own class prior. The network then learns the reference prior from every source (Menon
+    source's own class prior, both the mean of the targets taught (``sampled_priors``). The network then learns the reference prior from every source (Menon
     et al., ICLR 2021, logit adjustment, here toward a chosen prior rather than a uniform one)."""
     floor = 0.5 / max(len(ds), 1)  # a class a source lacks: a finite, large offset
     p = sampled_priors(ds, class_power).clamp(min=floor)
