@@ -19,6 +19,7 @@ from model_defs import LABELS, create_model, load_checkpoint, save_weights
 from training.engine import FitConfig, fit
 from training.ferplus import VOTE_COLUMNS
 from training.sources import (MultiSourceDataset, Source, SourceSampler, best_score, check_best_rule, draw_weights,
+                              meets_floors, split_best_rule,
                               logit_adjustment, multi_source_loaders, sampled_priors, source_dataset, toward_neutral,
                               LoadOptions)
 
@@ -412,3 +413,43 @@ def test_logit_adjustment_takes_each_priors_from_the_targets_it_trains_toward(tm
     adj = logit_adjustment(ds, class_power=0.0, reference=0)
     floor = 0.5 / len(ds)
     assert adj[1, n] == pytest.approx(float(torch.log(torch.tensor(0.5 / floor))), rel=1e-5)
+
+
+def test_best_rule_recall_floors_parse_and_are_checked():
+    assert split_best_rule("mean, fer.neutral>=0.75,affectnet.happy>=0.5") == \
+        ("mean", [("fer", "neutral", 0.75), ("affectnet", "happy", 0.5)])
+    recalls = {"fer": {c: 0.8 for c in LABELS}, "affectnet": {c: 0.4 for c in LABELS}}
+    assert meets_floors(recalls, "mean,fer.neutral>=0.75") and not meets_floors(recalls, "mean,affectnet.happy>=0.5")
+    assert meets_floors(recalls, "min") and best_score({"fer": 0.7, "affectnet": 0.5}, "min,fer.neutral>=0.9") == 0.5
+    for bad, says in [("mean,fer.calm>=0.5", "recall floor"), ("mean,fer.neutral>=2", "recall floor"),
+                      ("mean,fer.neutral=0.5", "recall floor"), ("mean,raf.neutral>=0.5", "'raf' is not a validation")]:
+        with pytest.raises(ValueError, match=says):
+            check_best_rule(bad, ["fer", "affectnet"])
+
+
+def test_an_epoch_that_meets_the_recall_floors_is_kept_before_a_higher_scoring_one(tmp_path: Path, monkeypatch):
+    """The engine's choice under ``mean,fer.neutral>=0.7``: epoch 1 scores highest but recalls too
+    few neutral faces, epoch 2 meets the floor, epoch 3 scores above epoch 2 but misses the floor:
+    best.pth is epoch 2's and its metrics say it met the floors."""
+    import training.engine as engine
+
+    rule = "mean,fer.neutral>=0.7"
+    script = iter([(0.70, 0.5), (0.60, 0.8), (0.65, 0.6)])  # (each set's top-1, fer's neutral recall) per epoch
+
+    def scripted(model, loaders, device="cpu", tta_flip=None, rule_=rule):
+        acc, neutral = next(script)
+        recalls = {"fer": {c: neutral if c == "neutral" else 0.5 for c in LABELS}, "affectnet": {c: 0.5 for c in LABELS}}
+        sources = {k: {"acc": acc, "acc_top3": 0.9, "loss": 1.0, "n": 14, "ece": 0.1, "per_class": r}
+                   for k, r in recalls.items()}
+        return {"acc": acc, "acc_top3": 0.9, "loss": 1.0, "n": 28, "per_class": recalls["fer"], "labels": list(LABELS),
+                "confusion": [[0] * len(LABELS) for _ in LABELS], "sources": sources,
+                "eligible": meets_floors(recalls, rule)}
+
+    monkeypatch.setattr(engine, "evaluate_sources", scripted)
+    loaders = _two_source_loaders(tmp_path, rule)
+    cfg = FitConfig(epochs=3, lr=0.01, optimizer="adamw", output_dir=str(tmp_path / "run"), best_rule=rule)
+    res = fit(create_model("emo_resnet_s"), loaders.train, loaders.val, cfg)
+    assert res["best_epoch"] == 2 and res["acc"] == pytest.approx(0.60)
+    assert [h["eligible"] for h in res["history"]] == [False, True, False]
+    saved = load_checkpoint(tmp_path / "run" / "best.pth")["metrics"]
+    assert saved["best_epoch"] == 2 and saved["eligible"] is True

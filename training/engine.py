@@ -26,7 +26,7 @@ from .augment import AugmentConfig, train_batch
 from .ema import WeightAverage
 from .losses import locality_preserving_loss, soft_cross_entropy, target_distribution
 from .metrics import classification_metrics, confusion_figure
-from .sources import best_score
+from .sources import best_score, meets_floors
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +108,9 @@ def evaluate_model(model: nn.Module, loader: Iterable, device: torch.device | st
 def evaluate_sources(model: nn.Module, loaders: Any, device: torch.device | str = "cpu",
                      tta_flip: bool | None = None, rule: str = "mean") -> dict[str, Any]:
     """:func:`evaluate_model` on one loader, or on a mapping ``name -> loader`` of validation sets:
-    then ``acc``/``acc_top3`` are ``rule`` over the sets (``training.sources.best_score``), ``sources``
-    holds each set's figures, and ``per_class``/``confusion`` are the first set's."""
+    then ``acc``/``acc_top3`` are ``rule`` over the sets (``training.sources.best_score``), ``eligible``
+    whether the rule's recall floors hold, ``sources`` holds each set's figures, and
+    ``per_class``/``confusion`` are the first set's."""
     if not isinstance(loaders, Mapping):
         return evaluate_model(model, loaders, device, tta_flip)
     evs = {name: evaluate_model(model, loader, device, tta_flip) for name, loader in loaders.items()}
@@ -118,7 +119,8 @@ def evaluate_sources(model: nn.Module, loaders: Any, device: torch.device | str 
     out.update(acc=best_score({k: e["acc"] for k, e in evs.items()}, rule),
                acc_top3=best_score({k: e["acc_top3"] for k, e in evs.items()}, rule),
                loss=sum(e["loss"] for e in evs.values()) / len(evs), n=sum(e["n"] for e in evs.values()),
-               sources={k: {f: e[f] for f in SOURCE_FIELDS} for k, e in evs.items()})
+               sources={k: {f: e[f] for f in SOURCE_FIELDS} for k, e in evs.items()},
+               eligible=meets_floors({k: e["per_class"] for k, e in evs.items()}, rule))
     return out
 
 
@@ -259,7 +261,7 @@ def fit(model: nn.Module, train_loader, val_loader, cfg: FitConfig, device: torc
     ema = WeightAverage(model, cfg.ema_epochs, len(train_loader)) if cfg.ema_epochs > 0 else None
     weights = class_weights(class_counts or [], cfg.class_balance)
     weights = weights.to(device) if weights is not None else None
-    start, best, history = 1, {"acc": -1.0, "best_epoch": 0}, []
+    start, best, history = 1, {"acc": -1.0, "best_epoch": 0, "eligible": False}, []
     if cfg.resume and ckpt_path.exists():
         state = load_checkpoint(ckpt_path, map_location=device)
         unwrap(model).load_state_dict(state["state_dict"])
@@ -285,7 +287,8 @@ def fit(model: nn.Module, train_loader, val_loader, cfg: FitConfig, device: torc
         tr = train_one_epoch(model, train_loader, opt, sched, cfg, device, scaler, weights, epoch, is_main(), ema)
         ev = evaluate_sources(model, val_loader, device, cfg.tta_flip, cfg.best_rule)
         row = {"epoch": epoch, "train_loss": tr["loss"], "lr": tr["lr"], "val_loss": ev["loss"],
-               "acc": ev["acc"], "acc_top3": ev["acc_top3"], **_per_source(ev)}
+               "acc": ev["acc"], "acc_top3": ev["acc_top3"], **_per_source(ev),
+               **({"eligible": ev["eligible"]} if "eligible" in ev else {})}
         candidates = [("model", model, ev)]
         if ema is not None:
             ev_ema = evaluate_sources(ema.model, val_loader, device, cfg.tta_flip, cfg.best_rule)
@@ -295,8 +298,8 @@ def fit(model: nn.Module, train_loader, val_loader, cfg: FitConfig, device: torc
         row["seconds"] = time.time() - t0
         history.append(row)
         if is_main():
-            source, winner, ev_best = max(candidates, key=lambda c: c[2]["acc"])
-            if ev_best["acc"] > best["acc"]:
+            source, winner, ev_best = max(candidates, key=lambda c: _rank(c[2]))
+            if _rank(ev_best) > _rank(best):
                 best = _keep_best(winner, ev_best, epoch, source, out / cfg.best_name, extra_meta)
             atomic_save(checkpoint_dict(model, optimizer=opt.state_dict(), scheduler=sched.state_dict(),
                                         scaler=scaler.state_dict(), epoch=epoch, best=best, history=history,
@@ -315,10 +318,15 @@ def fit(model: nn.Module, train_loader, val_loader, cfg: FitConfig, device: torc
             **({"sources": best["sources"]} if "sources" in best else {})}
 
 
+def _rank(ev: dict[str, Any]) -> tuple[bool, float]:
+    """What the best epoch maximises: first whether the best rule's recall floors hold, then its score."""
+    return bool(ev.get("eligible", True)), float(ev["acc"])
+
+
 def _keep_best(model: nn.Module, ev: dict[str, Any], epoch: int, source: str, path: Path,
                extra_meta: dict[str, Any] | None) -> dict[str, Any]:
     """Save ``model`` as the run's best weights; returns the ``best`` record kept in checkpoints."""
-    best = {k: ev[k] for k in ("acc", "acc_top3", "n", "per_class", "confusion", "sources") if k in ev}
+    best = {k: ev[k] for k in ("acc", "acc_top3", "n", "per_class", "confusion", "sources", "eligible") if k in ev}
     best.update(best_epoch=epoch, source=source)
     save_weights(model, path, metrics=best, **(extra_meta or {}))
     return best

@@ -50,7 +50,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="a named validation set (repeat for several), scored every epoch")
     p.add_argument("--best-rule", default="mean",
                    help="with several --val-source: the best epoch maximises the mean (default) or min of their "
-                        "top-1, or one named set's")
+                        "top-1, or one named set's; recall floors may follow, e.g. 'mean,fer2013.neutral>=0.78': an "
+                        "epoch that meets them is kept before one that does not")
     p.add_argument("--class-sampling", choices=sorted(CLASS_SAMPLING), default="none",
                    help="with --source: draw the classes of each source as they come (none), by the square root "
                         "of their counts (sqrt), or alike (balanced)")

@@ -142,7 +142,8 @@ class EmotionRecognizer:
 
         ``test_loader`` may be a mapping ``name -> loader`` of several validation sets: each is
         scored every epoch and the best epoch maximises ``best_rule`` over them (``mean``, ``min``
-        or one set's name; ``training.sources``).
+        or one set's name, then any recall floors such as ``"mean,fer2013.neutral>=0.78"``;
+        ``training.sources``).
 
         Returns:
             ``{'acc', 'acc_top3', 'best_epoch'}`` of the best epoch on ``test_loader`` (and
@@ -170,7 +171,8 @@ class EmotionRecognizer:
         (``"name=folder,weight=0.6,soft=votes.csv"``). Training draws from the sources by weight
         (``class_sampling`` ``none``/``sqrt``/``balanced`` within each), optionally with each
         source's class prior corrected toward ``prior_ref``'s (``logit_adjust`` = tau); every
-        validation source is scored each epoch and the best epoch maximises ``best_rule``.
+        validation source is scored each epoch and the best epoch maximises ``best_rule`` (recall
+        floors first, as in ``train``).
 
         Returns:
             ``{'acc', 'acc_top3', 'best_epoch', 'sources'}``: the rule's figures and each

@@ -314,22 +314,54 @@ class SourceSampler(Sampler[int]):
         return iter(draw[self.rank::self.world].tolist())
 
 
+def split_best_rule(rule: str) -> tuple[str, list[tuple[str, str, float]]]:
+    """``"mean,fer2013.neutral>=0.75"`` → ``("mean", [("fer2013", "neutral", 0.75)])``: the rule over
+    the sets' top-1, then any recall floors (``SET.CLASS>=RECALL``) an epoch must meet to be kept
+    before one that does not. ValueError names a floor that does not parse."""
+    base, *texts = [t.strip() for t in rule.split(",")]
+    floors = []
+    for text in texts:
+        where, sep, value = text.partition(">=")
+        name, dot, cls = where.rpartition(".")
+        try:
+            recall = float(value)
+        except ValueError:
+            recall = -1.0
+        if not sep or not dot or not name or cls not in LABELS or not 0.0 <= recall <= 1.0:
+            raise ValueError(f"best rule {rule!r}: {text!r} is not a recall floor SET.CLASS>=RECALL "
+                             f"(a class of {', '.join(LABELS)}, a recall in [0, 1])")
+        floors.append((name, cls, recall))
+    return base, floors
+
+
 def check_best_rule(rule: str, names: Sequence[str]) -> str:
-    """``rule`` if it is one of ``BEST_RULES`` or a validation source's name; ValueError otherwise."""
-    if rule not in BEST_RULES and rule not in names:
+    """``rule`` if its base is one of ``BEST_RULES`` or a validation source's name and its floors
+    name validation sources; ValueError otherwise."""
+    base, floors = split_best_rule(rule)
+    if base not in BEST_RULES and base not in names:
         raise ValueError(f"best rule {rule!r}: choose {' or '.join(BEST_RULES)} or a validation source "
-                         f"({', '.join(names)})")
+                         f"({', '.join(names)}), then any SET.CLASS>=RECALL floors")
+    for name, _, _ in floors:
+        if name not in names:
+            raise ValueError(f"best rule {rule!r}: {name!r} is not a validation source ({', '.join(names)})")
     return rule
 
 
 def best_score(scores: Mapping[str, float], rule: str) -> float:
     """The figure the best epoch maximises: the mean or the minimum over the validation
-    sources, or one named source's."""
-    if rule == "mean":
+    sources, or one named source's (the rule's floors aside: ``meets_floors``)."""
+    base = split_best_rule(rule)[0]
+    if base == "mean":
         return sum(scores.values()) / len(scores)
-    if rule == "min":
+    if base == "min":
         return min(scores.values())
-    return scores[rule]
+    return scores[base]
+
+
+def meets_floors(recalls: Mapping[str, Mapping[str, float]], rule: str) -> bool:
+    """Whether every ``SET.CLASS>=RECALL`` floor of ``rule`` holds for ``recalls`` (per validation
+    set, per class); an epoch that meets them is kept before any that does not, whatever its score."""
+    return all(recalls[name][cls] >= recall for name, cls, recall in split_best_rule(rule)[1])
 
 
 @dataclass
