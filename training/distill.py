@@ -151,16 +151,22 @@ def mix_teacher_targets(ds: _EncodedImages, teacher: dict[str, torch.Tensor], we
     """Set ``ds.targets`` to ``(1 - weight) * its target + weight * the teacher's`` for every image
     the teacher answered (others keep theirs), the images named by their path relative to ``root``
     (default: the ImageFolder's); returns how many were mixed."""
-    root = Path(root if root is not None else ds.root)
     own = ds.targets if ds.targets is not None else torch.nn.functional.one_hot(
         torch.as_tensor(ds.labels), len(LABELS)).float()
     own, n = own.clone(), 0
-    for i, f in enumerate(ds.files):
-        p = teacher.get(Path(f).relative_to(root).as_posix())
+    for i, p in enumerate(answers_for(ds, teacher, root)):
         if p is not None:
             own[i], n = (1 - weight) * own[i] + weight * p, n + 1
     ds.targets = own
     return n
+
+
+def answers_for(ds: _EncodedImages, teacher: dict[str, torch.Tensor],
+                root: Path | None = None) -> list[torch.Tensor | None]:
+    """The teacher's answer for each of ``ds``'s images (None where it gave none), the images named
+    by their path relative to ``root`` (default: the ImageFolder's)."""
+    root = Path(root if root is not None else ds.root)
+    return [teacher.get(Path(f).relative_to(root).as_posix()) for f in ds.files]
 
 
 def with_unlabelled(ds: Dataset, faces: Sequence[tuple[Path, torch.Tensor]], spec: dict) -> Dataset:

@@ -125,7 +125,8 @@ class Source:
         if not 0.0 <= src.neutral < 1.0:
             raise ValueError(f"source {src.name!r}: neutral must be in [0, 1), got {src.neutral}")
         if src.neutral_teacher and not src.neutral:
-            raise ValueError(f"source {src.name!r}: neutral_teacher needs neutral=X (the share at the teacher's certainty)")
+            raise ValueError(f"source {src.name!r}: neutral_teacher needs neutral=X "
+                             "(the share at the teacher's certainty)")
         if src.detail < 0:
             raise ValueError(f"source {src.name!r}: detail must be 0 (all) or a width in pixels, got {src.detail}")
         return src
@@ -171,14 +172,12 @@ def toward_neutral(ds: _EncodedImages, share: float | torch.Tensor) -> torch.Ten
 def _teacher_neutral(ds: _EncodedImages, src: Source) -> torch.Tensor:
     """``(N,)``: ``src.neutral_teacher``'s neutral probability for each of ``ds``'s images (0 where it
     gave none); ValueError if it answered none of them."""
-    from .distill import read_targets  # distill imports the engine, which imports this
+    from .distill import answers_for, read_targets  # distill imports the engine, which imports this
 
-    answers, root = read_targets(src.neutral_teacher)[0], _image_root(src)
+    found = answers_for(ds, read_targets(src.neutral_teacher)[0], _image_root(src))
+    if all(p is None for p in found):
+        raise _no_answers(src, src.neutral_teacher)
     n = LABELS.index("neutral")
-    found = [answers.get(Path(f).relative_to(root).as_posix()) for f in ds.files]
-    if not any(p is not None for p in found):
-        raise ValueError(f"source {src.name!r}: {src.neutral_teacher} has no answers for its images "
-                         f"(python -m training.distill --train-dir {src.path})")
     return torch.tensor([float(p[n]) if p is not None else 0.0 for p in found])
 
 
@@ -205,9 +204,14 @@ def _mix_teacher(ds: _EncodedImages, src: Source) -> None:
 
     n = mix_teacher_targets(ds, read_targets(src.teacher)[0], src.teacher_weight, _image_root(src))
     if n == 0:
-        raise ValueError(f"source {src.name!r}: {src.teacher} has no answers for its images "
-                         f"(python -m training.distill --train-dir {src.path})")
+        raise _no_answers(src, src.teacher)
     log.info("source %s: teacher answers mixed into %d of %d targets (weight %.2f)", src.name, n, len(ds), src.teacher_weight)
+
+
+def _no_answers(src: Source, folder: Path) -> ValueError:
+    """The error for a teacher folder that answered none of ``src``'s images."""
+    return ValueError(f"source {src.name!r}: {folder} has no answers for its images "
+                      f"(python -m training.distill --train-dir {src.path})")
 
 
 @dataclass(frozen=True)
@@ -285,8 +289,9 @@ def sampled_priors(ds: MultiSourceDataset, class_power: float = 0.0) -> torch.Te
 def logit_adjustment(ds: MultiSourceDataset, class_power: float, reference: int, tau: float = 1.0) -> torch.Tensor:
     """``(S, K)`` offsets added to the logits of source ``s``'s items in the loss:
     ``tau * (log p_s - log p_ref)``, ``p_s`` the prior of its draws and ``p_ref`` the reference
-    source's own class prior, both the mean of the targets taught (``sampled_priors``). The network then learns the reference prior from every source (Menon
-    et al., ICLR 2021, logit adjustment, here toward a chosen prior rather than a uniform one)."""
+    source's own class prior, both the mean of the targets taught (``sampled_priors``). The network
+    then learns the reference prior from every source (Menon et al., ICLR 2021, logit adjustment,
+    here toward a chosen prior rather than a uniform one)."""
     floor = 0.5 / max(len(ds), 1)  # a class a source lacks: a finite, large offset
     p = sampled_priors(ds, class_power).clamp(min=floor)
     ref = sampled_priors(ds, 0.0)[reference].clamp(min=floor)
