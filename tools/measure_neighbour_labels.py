@@ -21,23 +21,18 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model_defs import LABELS, load_model  # noqa: E402
-from training.engine import prepare_batch  # noqa: E402
+from training.features import pooled_features  # noqa: E402
 from training.sources import Source, source_dataset  # noqa: E402
 
 
-@torch.no_grad()
 def embed(model: torch.nn.Module, ds: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
     """Unit-length pooled features ``(N, F)`` and labels ``(N,)`` of ``ds``'s faces."""
-    spec = model.spec.to_dict()
-    feats, labels = [], []
-    for x, y in DataLoader(ds, batch_size=256):
-        feats.append(torch.nn.functional.normalize(model.forward_features(prepare_batch(x, spec)).float(), dim=1))
-        labels.append(torch.as_tensor(y))
-    return torch.cat(feats), torch.cat(labels)
+    feats, labels = pooled_features(model, ds)
+    return torch.nn.functional.normalize(feats, dim=1), labels
 
 
 def neighbour_label_shares(query: torch.Tensor, feats: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
