@@ -76,15 +76,17 @@ def _frames(src: Path):
 
 
 def draw_frame(img: Image.Image, n: int, t: float, result: VideoResult, labels: Sequence[str]) -> None:
-    """Each person present at frame ``n`` (time ``t``): box and current label; no face: a banner."""
-    for k, person in enumerate(result.people):  # numbered from 1, the main person first
+    """Each person present at frame ``n`` (time ``t``): box and current label, the labels kept off
+    one another and off the other faces; no face: a banner."""
+    faces = [person.face_at(n) if person.faces else None for person in result.people]
+    taken: list[draw.Rect] = []
+    for k, (person, face) in enumerate(zip(result.people, faces)):  # numbered from 1, the main person first
         probs = top(person.probs_at(t), labels)
         if not person.faces:
             draw.draw_banner(img, draw.label_text(probs, "whole frame: "), color_of(probs[0][0]))
-            continue
-        face = person.face_at(n)
-        if face is not None:
-            draw.draw_box(img, face.box, draw.label_text(probs, f"#{k + 1} "), color_of(probs[0][0]))
+        elif face is not None:
+            others = [f.box for j, f in enumerate(faces) if f is not None and j != k]
+            draw.draw_box(img, face.box, draw.label_text(probs, f"#{k + 1} "), color_of(probs[0][0]), taken, others)
 
 
 def annotate_video(rec: Recognizer, src: Path, out: Path, plot: Path, progress: bool | None = None) -> VideoResult:

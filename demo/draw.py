@@ -33,8 +33,36 @@ def label_text(top: Top, prefix: str = "") -> str:
     return f"{prefix}{label} {100 * p:.1f}%"
 
 
-def draw_box(img: Image.Image, box: Sequence[float], text: str, color: str) -> None:
-    """A box in ``color`` with ``text`` on a filled tab above it (inside it at the top edge)."""
+Rect = tuple[float, float, float, float]  # left, top, right, bottom
+
+
+def _overlaps(a: Rect, b: Rect) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def place_tab(box: Rect, size: tuple[float, float], frame: tuple[int, int], taken: Sequence[Rect] = (),
+              others: Sequence[Rect] = ()) -> Rect:
+    """Where a label tab of ``size`` (w, h) goes for ``box``: above it (inside it at the top edge
+    when there is no room above), else the first spot among below it, inside it and further up
+    that covers none of the ``taken`` tabs, nor, where one can, the ``others`` boxes (the other
+    faces); always inside the ``frame`` (w, h)."""
+    (x1, y1, _, y2), (tw, th) = box, size
+    tx = max(0.0, min(x1, frame[0] - tw))
+    first = y1 - th if y1 - th >= 0 else y1
+    spots = [(tx, ty, tx + tw, ty + th) for ty in [first, y2, y1] + [y1 - th * k for k in range(2, 5)]
+             if 0 <= ty <= frame[1] - th]
+    for avoid in (list(taken) + list(others), taken):
+        free = [r for r in spots if not any(_overlaps(r, a) for a in avoid)]
+        if free:
+            return free[0]
+    return (tx, first, tx + tw, first + th)
+
+
+def draw_box(img: Image.Image, box: Sequence[float], text: str, color: str, taken: list[Rect] | None = None,
+             others: Sequence[Sequence[float]] = ()) -> None:
+    """A box in ``color`` with ``text`` on a filled tab above it (see :func:`place_tab`). A list
+    ``taken``, shared by the boxes of one picture, keeps their tabs off one another (each tab
+    placed is added to it); ``others``, the picture's other boxes, off their faces where it can."""
     d = ImageDraw.Draw(img)
     scale = max(img.size) / 640
     width = max(2, round(2 * scale))
@@ -44,11 +72,12 @@ def draw_box(img: Image.Image, box: Sequence[float], text: str, color: str) -> N
     if not text:
         return
     l, t, r, b = d.textbbox((0, 0), text, font=f)
-    tw, th = r - l + 2 * width + 4, b - t + 2 * width + 2
-    ty = y1 - th if y1 - th >= 0 else y1
-    tx = max(0.0, min(x1, img.width - tw))  # keep the tab inside the picture
-    d.rectangle([tx, ty, tx + tw, ty + th], fill=color)
-    d.text((tx + width + 2 - l, ty + width - t + 1), text, font=f, fill="white")
+    tab = place_tab((x1, y1, x2, y2), (r - l + 2 * width + 4, b - t + 2 * width + 2), img.size, taken or (),
+                    [tuple(float(v) for v in o) for o in others])
+    if taken is not None:
+        taken.append(tab)
+    d.rectangle(list(tab), fill=color)
+    d.text((tab[0] + width + 2 - l, tab[1] + width - t + 1), text, font=f, fill="white")
 
 
 def draw_banner(img: Image.Image, text: str, color: str) -> None:
@@ -117,9 +146,10 @@ def annotate_photo(img: Image.Image, boxes: Sequence[Sequence[float]], tops: Seq
     for item in why:
         if item is not None:
             out = overlay_map(out, item[0], item[1])
-    titles = []
+    titles, taken = [], []
     for i, (box, top, det) in enumerate(zip(boxes, tops, detected)):
-        draw_box(out, box, label_text(top, f"{i + 1} "), color_of(top[0][0]))
+        others = [b for j, b in enumerate(boxes) if j != i]
+        draw_box(out, box, label_text(top, f"{i + 1} "), color_of(top[0][0]), taken, others)
         titles.append(f"{i + 1}. face {i + 1}" if det else f"{i + 1}. the whole image")
     thumbs = [why_thumbnail(item[0], item[2]) if item is not None else None for item in why]
     panel = photo_panel(out.height, tops, titles, thumbs)
