@@ -184,6 +184,12 @@ def test_photo_gets_one_box_per_face_with_its_label(stack, browser):
         top = face["top3"][0]
         assert box.get_attribute("data-label") == top["label"]
         assert box.text.startswith(f"{int(box.get_attribute('data-index')) + 1} {top['label']}")
+    tabs = browser.execute_script(  # the group's nearby faces: no label tab covers another
+        "return [...document.querySelectorAll('#photo-boxes .box-label')]"
+        ".map((t) => { const r = t.getBoundingClientRect(); return [r.left, r.top, r.right, r.bottom]; })")
+    for i, a in enumerate(tabs):
+        for b in tabs[:i]:
+            assert not (a[0] < b[2] - 0.5 and b[0] < a[2] - 0.5 and a[1] < b[3] - 0.5 and b[1] < a[3] - 0.5), (a, b)
     cards = browser.find_elements("css selector", "#photo-faces .face")
     assert len(cards) == len(expected["faces"])
     assert len(cards[0].find_elements("css selector", ".bar")) == 3

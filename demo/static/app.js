@@ -94,11 +94,42 @@ function drawBoxes(overlay, faces, w, h, labelFor) {
     box.style.width = `${(100 * (x2 - x1)) / w}%`;
     box.style.height = `${(100 * (y2 - y1)) / h}%`;
     box.style.setProperty('--c', colorOf(label));
-    if (y1 < 0.06 * h) box.classList.add('top-edge');
     box.append(el('span', 'box-label', text));
     overlay.append(box);
   });
+  placeLabels(overlay);
 }
+
+const overlaps = (a, b) => a.left < b.right && b.left < a.right && a.top < b.bottom && b.top < a.bottom;
+
+// Each box's label tab kept off the tabs placed before it and, where it can be, off the other
+// faces: above the box (inside its top edge when there is no room), else below it, inside its top
+// edge, or further up; demo/draw.py's place_tab draws the annotated files by the same rule.
+function placeLabels(overlay) {
+  const area = overlay.getBoundingClientRect();
+  const boxes = [...overlay.querySelectorAll('.box')];
+  const rects = boxes.map((b) => b.getBoundingClientRect());
+  const taken = [];
+  boxes.forEach((box, i) => {
+    const tab = box.querySelector('.box-label');
+    const b = rects[i];
+    const w = tab.offsetWidth;
+    const h = tab.offsetHeight;
+    const first = b.top - h >= area.top ? -h : 0;
+    const spots = [first, b.height, 0, -2 * h, -3 * h, -4 * h]
+      .map((dy) => ({ dy, left: b.left - 3, right: b.left - 3 + w, top: b.top + dy, bottom: b.top + dy + h }))
+      .filter((r) => r.top >= area.top && r.bottom <= area.bottom);
+    const others = rects.filter((_, j) => j !== i);
+    const free = (avoid) => spots.find((r) => !avoid.some((a) => overlaps(r, a)));
+    const spot = free(taken.concat(others)) || free(taken)
+      || { dy: first, left: b.left - 3, right: b.left - 3 + w, top: b.top + first, bottom: b.top + first + h };
+    tab.style.bottom = 'auto';
+    tab.style.top = `${spot.dy}px`;
+    taken.push(spot);
+  });
+}
+
+window.addEventListener('resize', () => document.querySelectorAll('.overlay').forEach(placeLabels));
 
 function faceLabel(face, i) {
   const top = topOf(face)[0];
