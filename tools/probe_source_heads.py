@@ -70,13 +70,13 @@ def scores(pred: torch.Tensor, labels: torch.Tensor) -> dict:
     return {"acc": float((pred == labels).float().mean()), "recall": recall}
 
 
-def source_probe(feats: list[torch.Tensor], steps: int = 300, lr: float = 0.01) -> torch.nn.Module:
+def source_probe(feats: list[torch.Tensor], steps: int = 300, lr: float = 0.01) -> torch.nn.Linear:
     """A linear classifier of which source (index into ``feats``) a face's features come from, each
-    source weighted alike; standardised on the pooled features."""
+    source weighted alike; fit on standardised features, the standardisation folded into it."""
     x = torch.cat(feats)
     y = torch.cat([torch.full((len(f),), i) for i, f in enumerate(feats)])
     mean, std = x.mean(0), x.std(0) + 1e-3
-    probe = torch.nn.Sequential(torch.nn.Linear(x.shape[1], len(feats)))
+    probe = torch.nn.Linear(x.shape[1], len(feats))
     opt = torch.optim.Adam(probe.parameters(), lr=lr)
     balance = len(y) / (len(feats) * torch.bincount(y).float())
     z = (x - mean) / std
@@ -84,20 +84,13 @@ def source_probe(feats: list[torch.Tensor], steps: int = 300, lr: float = 0.01) 
         opt.zero_grad()
         F.cross_entropy(probe(z), y, weight=balance).backward()
         opt.step()
-    probe.insert(0, _Standardise(mean, std))
+    with torch.no_grad():  # w (x - mean) / std + b == (w / std) x + (b - (w / std) mean)
+        probe.weight /= std
+        probe.bias -= probe.weight @ mean
     return probe.requires_grad_(False)
 
 
-class _Standardise(torch.nn.Module):
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
-        super().__init__()
-        self.mean, self.std = mean, std
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
-
-
-def likeness(probe: torch.nn.Module, feats: torch.Tensor, labels: torch.Tensor, names: list[str]) -> dict:
+def likeness(probe: torch.nn.Linear, feats: torch.Tensor, labels: torch.Tensor, names: list[str]) -> dict:
     """The share of a set's faces (all, and per class) the probe takes for each source."""
     looks = probe(feats).argmax(1)
 
@@ -105,10 +98,6 @@ def likeness(probe: torch.nn.Module, feats: torch.Tensor, labels: torch.Tensor, 
         return {n: float((looks[mask] == i).float().mean()) for i, n in enumerate(names)}
     return {"all": shares(torch.ones_like(labels, dtype=torch.bool)),
             "by_class": {c: shares(labels == i) for i, c in enumerate(LABELS) if (labels == i).any()}}
-
-
-def _targets(ds, labels: torch.Tensor) -> torch.Tensor:
-    return ds.targets.float() if ds.targets is not None else F.one_hot(labels, len(LABELS)).float()
 
 
 def _heads(parts: list[Part], names: list[str], own: torch.nn.Linear,
@@ -156,8 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
     for text in args.source:
         src = Source.parse(text)
         ds = source_dataset(src, spec)
-        feats, labels = pooled_features(model, ds)
-        parts.append((feats, _targets(ds, labels), src.weight))
+        parts.append((pooled_features(model, ds)[0], ds.target_rows(), src.weight))
         names.append(src.name)
     heads = _heads(parts, names, model.fc, [float(s) for s in args.share.split(",") if s.strip()])
     probe = source_probe([f for f, _, _ in parts])

@@ -17,6 +17,7 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 from handlers.contract import IMAGE_DEFAULTS, DetectionMode
 from handlers.faces import detector_for, largest_face
 from handlers.preprocess import decode_image, to_uint8
+from model_defs import LABELS
 
 from .labelled_files import class_counts, class_folders, read_labels_csv, read_list_file
 
@@ -57,6 +58,12 @@ class _EncodedImages(Dataset):
 
     def class_counts(self) -> list[int]:
         return class_counts(self.labels)
+
+    def target_rows(self) -> torch.Tensor:
+        """``(N, K)`` float targets, a new tensor: the soft ones where set, else the labels one-hot."""
+        if self.targets is not None:
+            return self.targets.float().clone()
+        return torch.nn.functional.one_hot(torch.as_tensor(self.labels), len(LABELS)).float()
 
 
 class ImageFolderDataset(_EncodedImages):

@@ -151,9 +151,7 @@ def mix_teacher_targets(ds: _EncodedImages, teacher: dict[str, torch.Tensor], we
     """Set ``ds.targets`` to ``(1 - weight) * its target + weight * the teacher's`` for every image
     the teacher answered (others keep theirs), the images named by their path relative to ``root``
     (default: the ImageFolder's); returns how many were mixed."""
-    own = ds.targets if ds.targets is not None else torch.nn.functional.one_hot(
-        torch.as_tensor(ds.labels), len(LABELS)).float()
-    own, n = own.clone(), 0
+    own, n = ds.target_rows(), 0
     for i, p in enumerate(answers_for(ds, teacher, root)):
         if p is not None:
             own[i], n = (1 - weight) * own[i] + weight * p, n + 1

@@ -160,8 +160,7 @@ def source_dataset(src: Source, spec: Mapping[str, Any], face_crop: FaceCropFn |
 def toward_neutral(ds: _EncodedImages, share: float | torch.Tensor) -> torch.Tensor:
     """``ds``'s targets (its labels one-hot if it has none) with ``share`` (one for all, or ``(N,)``
     one per face) of every non-neutral face's target moved to neutral; neutral faces keep theirs."""
-    labels = torch.as_tensor(ds.labels)
-    targets = ds.targets.clone() if ds.targets is not None else torch.nn.functional.one_hot(labels, len(LABELS)).float()
+    labels, targets = torch.as_tensor(ds.labels), ds.target_rows()
     share = torch.as_tensor(share, dtype=targets.dtype).expand(len(labels))
     moved = labels != LABELS.index("neutral")
     targets[moved] *= 1.0 - share[moved, None]
@@ -279,10 +278,8 @@ def sampled_priors(ds: MultiSourceDataset, class_power: float = 0.0) -> torch.Te
     ``count ** (1 - class_power)``, normalised."""
     out = torch.zeros(len(ds.datasets), len(LABELS), dtype=torch.float64)
     for s, (sub, counts) in enumerate(zip(ds.datasets, ds.source_counts())):
-        labels = torch.as_tensor(sub.labels)
-        targets = sub.targets if sub.targets is not None else torch.nn.functional.one_hot(labels, len(LABELS))
-        draw = torch.tensor(counts, dtype=torch.float64).clamp(min=1)[labels] ** -class_power
-        out[s] = (draw[:, None] * targets.double()).sum(0)
+        draw = torch.tensor(counts, dtype=torch.float64).clamp(min=1)[torch.as_tensor(sub.labels)] ** -class_power
+        out[s] = (draw[:, None] * sub.target_rows().double()).sum(0)
     return out / out.sum(1, keepdim=True)
 
 

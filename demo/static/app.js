@@ -116,13 +116,12 @@ function placeLabels(overlay) {
     const w = tab.offsetWidth;
     const h = tab.offsetHeight;
     const first = b.top - h >= area.top ? -h : 0;
-    const spots = [first, b.height, 0, -2 * h, -3 * h, -4 * h]
-      .map((dy) => ({ dy, left: b.left - 3, right: b.left - 3 + w, top: b.top + dy, bottom: b.top + dy + h }))
+    const spotAt = (dy) => ({ dy, left: b.left - 3, right: b.left - 3 + w, top: b.top + dy, bottom: b.top + dy + h });
+    const spots = [first, b.height, 0, -2 * h, -3 * h, -4 * h].map(spotAt)
       .filter((r) => r.top >= area.top && r.bottom <= area.bottom);
     const others = rects.filter((_, j) => j !== i);
     const free = (avoid) => spots.find((r) => !avoid.some((a) => overlaps(r, a)));
-    const spot = free(taken.concat(others)) || free(taken)
-      || { dy: first, left: b.left - 3, right: b.left - 3 + w, top: b.top + first, bottom: b.top + first + h };
+    const spot = free(taken.concat(others)) || free(taken) || spotAt(first);
     tab.style.bottom = 'auto';
     tab.style.top = `${spot.dy}px`;
     taken.push(spot);
